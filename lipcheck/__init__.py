@@ -1,0 +1,28 @@
+"""lipcheck: per-layer spectral norms and a certified Lipschitz bound for neural networks.
+
+The heavy parts (torch, onnx) load on first use, so importing the package and
+``lipcheck --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "analyze", "Report"]
+
+if TYPE_CHECKING:
+    from .analyze import analyze
+    from .report import Report
+
+
+def __getattr__(name: str) -> Any:
+    if name == "analyze":
+        from .analyze import analyze
+
+        return analyze
+    if name == "Report":
+        from .report import Report
+
+        return Report
+    raise AttributeError(f"module 'lipcheck' has no attribute {name!r}")

@@ -1,0 +1,166 @@
+"""The analysis pipeline: load -> graph -> per-op rules -> composed bound -> Report."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import spectral
+from .errors import UsageError
+from .report import LayerRow, ModelInfo, NetworkResult, Report, SkippedOp
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ProgressFn = Callable[[int, int, str], None]
+
+
+def make_settings(tol: float = 1e-6, max_iters: int = 1000, seed: int = 0, device: str = "auto",
+                  dtype: str = "float32") -> spectral.Settings:
+    if not (0 < tol < 1):
+        raise UsageError(f"--tol must be between 0 and 1 (exclusive), got {tol}")
+    if max_iters < 1:
+        raise UsageError(f"--max-iters must be at least 1, got {max_iters}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device}")
+    try:
+        resolved = spectral.resolve_device(device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return spectral.Settings(tol=tol, max_iters=max_iters, seed=seed, device=resolved,
+                             dtype=DTYPES[dtype])
+
+
+def settings_dict(s: spectral.Settings) -> dict[str, Any]:
+    return {"tol": s.tol, "max_iters": s.max_iters, "seed": s.seed, "device": s.device,
+            "dtype": str(s.dtype).replace("torch.", "")}
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def analyze(
+    source: str | Path | torch.nn.Module,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    tol: float = 1e-6,
+    max_iters: int = 1000,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust: bool = False,
+    progress: ProgressFn | None = None,
+) -> Report:
+    """Analyse a model file or an in-memory ``nn.Module`` and return its Report.
+
+    A module needs ``input_shape`` (batch first) to be traced; without it, and for
+    a bare state_dict, only per-tensor numbers are reported and no network bound.
+    """
+    from .formats import Loaded
+
+    settings = make_settings(tol, max_iters, seed, device, dtype)
+    if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
+        raise UsageError(f"input shape must be positive dims, batch first, got {input_shape}")
+    if isinstance(source, torch.nn.Module):
+        from .formats.torch_format import _from_module
+
+        loaded: Loaded = _from_module(source, "module", input_shape, scripted=False)
+        info = ModelInfo(path="<in-memory>", sha256="", format=loaded.format)
+    else:
+        from .formats import load
+
+        path = Path(source)
+        loaded = load(path, trust=trust, input_shape=input_shape)
+        info = ModelInfo(path=str(path), sha256=sha256_of(path), format=loaded.format)
+    info.input_shape = list(input_shape) if input_shape else None
+    return analyze_loaded(loaded, info, settings, progress)
+
+
+def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
+                   progress: ProgressFn | None = None) -> Report:
+    if loaded.onnx_model is not None:
+        from .bound import compose
+        from .graph import build_graph
+        from .rules import Context
+
+        graph = build_graph(loaded.onnx_model, loaded.input_shape)
+        if info.input_shape is None and graph.inputs:
+            dims = graph.known_shape(graph.inputs[0])
+            info.input_shape = list(dims) if dims else None
+        with torch.no_grad():
+            comp = compose(graph, Context(graph=graph, settings=settings), progress)
+        assert comp.network is not None
+        notes = list(loaded.notes)
+        if len(graph.inputs) > 1:
+            notes.append(f"the model has {len(graph.inputs)} data inputs; the bound is with "
+                         "respect to all of them concatenated")
+        return Report(model=info, settings=settings_dict(settings), layers=comp.rows,
+                      network=comp.network, skipped=comp.skipped, notes=notes)
+    rows, skipped = tensor_rows(loaded.tensors or {}, settings, progress)
+    network = NetworkResult(lipschitz_bound=None, lipschitz_estimate=None, bounded=False,
+                            certified=False, reason=loaded.why_no_graph)
+    return Report(model=info, settings=settings_dict(settings), layers=rows, network=network,
+                  skipped=skipped, notes=list(loaded.notes))
+
+
+def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings,
+                progress: ProgressFn | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
+    """Per-tensor numbers for weights without a graph: 2-D = a linear layer, 3-5-D = a
+    conv kernel (reshaped norm and a size-independent certified bound), BatchNorm from
+    its weight and running_var."""
+    rows: list[LayerRow] = []
+    skipped: list[SkippedOp] = []
+    names = list(tensors)
+    for i, key in enumerate(names):
+        if progress is not None:
+            progress(i, len(names), key)
+        t = tensors[key]
+        layer, _, leaf = key.rpartition(".")
+        layer = layer or key
+        if not t.is_floating_point():
+            if leaf != "num_batches_tracked":
+                skipped.append(SkippedOp(key, "tensor", f"{t.dtype} tensor: not a float weight"))
+            continue
+        w = t.detach().to(torch.float64)
+        if leaf == "weight" and t.ndim == 1 and f"{layer}.running_var" in tensors:
+            var = tensors[f"{layer}.running_var"].to(torch.float64)
+            value = float((w.abs() / torch.sqrt(var + 1e-5)).max()) if w.numel() else 0.0
+            rows.append(LayerRow(name=layer, op="BatchNorm", kind="diagonal", sigma=value,
+                                 sigma_upper=value, upper_method="exact (eps=1e-5)",
+                                 lipschitz=value, iterations=0, converged=True))
+        elif t.ndim == 2:
+            est = spectral.matrix_estimate(w, settings)
+            cert = spectral.gram_upper_bound(w, est.sigma)
+            rows.append(LayerRow(name=key if leaf != "weight" else layer, op="Linear",
+                                 kind="linear", sigma=est.sigma, sigma_upper=cert.value,
+                                 upper_method=cert.method, lipschitz=cert.value,
+                                 iterations=est.iterations, converged=est.converged))
+        elif 3 <= t.ndim <= 5:
+            est = spectral.matrix_estimate(w.reshape(w.shape[0], -1), settings)
+            cert = spectral.conv_reshape_upper_bound(w, 1)
+            rows.append(LayerRow(
+                name=key if leaf != "weight" else layer, op=f"Conv{t.ndim - 2}d", kind="conv",
+                sigma_matrix=est.sigma, sigma_upper=cert.value, upper_method=cert.method,
+                lipschitz=cert.value, iterations=est.iterations, converged=est.converged,
+                note="no graph: input size unknown; sigma_upper holds for any input size, "
+                     "stride, dilation and groups with zero padding",
+            ))
+        else:
+            what = "bias or statistics" if t.ndim <= 1 else f"{t.ndim}-D tensor"
+            skipped.append(SkippedOp(key, "tensor", f"{what}: not a layer weight"))
+    if progress is not None:
+        progress(len(names), len(names), "")
+    for row in rows:
+        if row.lipschitz is not None and not math.isfinite(row.lipschitz):
+            row.note = "weight has NaN or Inf"
+    return rows, skipped

@@ -1,0 +1,114 @@
+"""Composition of per-op constants into a bound on the whole network.
+
+L(v) bounds the Lipschitz constant from the network input to value v:
+L(input) = 1, L(constant) = 0, and for each op L(out) = combine(factor_i * L(in_i)),
+where combine is a sum (Add, Gemm with a data bias) or the l2 rule (Concat).
+Sequential ops multiply, so on a chain the bound is the product of the per-op
+constants. An op without a finite bound makes L(out) infinite, and so the network
+bound, with the reason kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .graph import Graph
+from .report import LayerRow, NetworkResult, SkippedOp
+from .rules import RULES, Context, Outcome
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class Composition:
+    rows: list[LayerRow] = field(default_factory=list)
+    skipped: list[SkippedOp] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    network: NetworkResult | None = None
+
+
+def _combine(kind: str, terms: list[float]) -> float:
+    if any(math.isnan(t) for t in terms):
+        return math.nan
+    if kind == "l2":
+        return math.sqrt(sum(t * t for t in terms))
+    return sum(terms)
+
+
+def _apply(outcome: Outcome, factors: dict[int, float], lip: dict[str, float],
+           inputs: list[str]) -> float:
+    terms = []
+    for pos, f in factors.items():
+        l_in = lip.get(inputs[pos], 0.0)
+        # 0 * inf: an input that is ignored (factor 0) contributes nothing.
+        terms.append(0.0 if f == 0.0 or l_in == 0.0 else f * l_in)
+    return _combine(outcome.combine, terms)
+
+
+def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> Composition:
+    result = Composition()
+    cert: dict[str, float] = {name: 1.0 for name in graph.inputs}
+    est: dict[str, float] = dict(cert)
+    total = len(graph.nodes)
+    for i, node in enumerate(graph.nodes):
+        if progress is not None:
+            progress(i, total, node.name)
+        data = [k for k, v in enumerate(node.inputs) if v and v not in graph.static]
+        if not data:
+            continue  # a constant or shape computation: L = 0
+        handler = RULES.get(node.op) if node.domain == "" else None
+        if handler is None:
+            where = f"domain '{node.domain}'" if node.domain else "lipcheck"
+            reason = f"op {node.op} is not supported by {where}"
+            result.skipped.append(SkippedOp(node.name, node.op, reason))
+            result.reasons.append(f"{node.name}: {reason}")
+            outcome = Outcome(factors={}, unbounded=reason)
+        else:
+            outcome = handler(ctx, node, data)
+        if outcome.unbounded is not None:
+            l_cert = l_est = math.inf
+            if handler is not None:
+                result.reasons.append(f"{node.name} ({node.op}): {outcome.unbounded}")
+                if outcome.row is None and not outcome.extra_rows:
+                    result.skipped.append(SkippedOp(node.name, node.op, outcome.unbounded))
+        else:
+            l_cert = _apply(outcome, outcome.factors, cert, node.inputs)
+            l_est = _apply(outcome, outcome.est_factors or outcome.factors, est, node.inputs)
+        for out in node.outputs:
+            if out:
+                cert[out], est[out] = l_cert, l_est
+        for row in [outcome.row] if outcome.row is not None else []:
+            row.bound = l_cert
+            if outcome.unbounded is not None:
+                row.note = outcome.unbounded
+            result.rows.append(row)
+        result.rows.extend(outcome.extra_rows)
+        if math.isnan(l_cert) and not any("not finite" in r for r in result.reasons):
+            result.reasons.append(f"{node.name}: weights with NaN or Inf make the bound not finite")
+    if progress is not None:
+        progress(total, total, "")
+    result.network = _network(graph, cert, est, result.reasons)
+    return result
+
+
+def _network(graph: Graph, cert: dict[str, float], est: dict[str, float],
+             reasons: list[str]) -> NetworkResult:
+    """Several outputs: the map to their concatenation, sqrt of the sum of squares."""
+    outs = [o for o in graph.outputs if o]
+    l_cert = _combine("l2", [cert.get(o, 0.0) for o in outs])
+    l_est = _combine("l2", [est.get(o, 0.0) for o in outs])
+    if math.isfinite(l_cert):
+        return NetworkResult(
+            lipschitz_bound=l_cert, lipschitz_estimate=l_est, bounded=True, certified=True,
+            reason="certified: composed from per-layer upper bounds",
+        )
+    relevant = [r for r in reasons] or ["an op on the path to the output has no finite bound"]
+    reason = "; ".join(relevant[:3]) + (f"; and {len(relevant) - 3} more" if len(relevant) > 3 else "")
+    if math.isnan(l_cert):
+        reason = "not finite: " + reason
+    else:
+        reason = "unbounded: " + reason
+    return NetworkResult(lipschitz_bound=None, lipschitz_estimate=None, bounded=False,
+                         certified=False, reason=reason)

@@ -1,0 +1,286 @@
+"""An ONNX model as lipcheck sees it: nodes, constant values, shapes and layer names.
+
+Every model format ends up here: ONNX files directly, torch models after an
+in-memory export. The graph knows which values are constants (initializers,
+``Constant`` nodes and whatever folds from them), which are shapes only, and the
+static shape of each value where ONNX shape inference or the user supplied one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import InputError, UsageError
+
+Dims = tuple[int | None, ...]
+
+# Ops whose output depends only on the *shape* of their input, not its values.
+SHAPE_ONLY_OPS = {"Shape", "Size"}
+# Ops never folded even with constant inputs (random, or carrying subgraphs).
+NO_FOLD_OPS = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+    "Bernoulli", "If", "Loop", "Scan",
+}
+# Folding evaluates with the onnx reference runtime; skip outputs larger than this.
+MAX_FOLD_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Node:
+    index: int
+    name: str
+    op: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    has_subgraph: bool = False
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    inputs: list[str]
+    outputs: list[str]
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+    # Values that do not depend on the network input's values (constants and shapes).
+    static: set[str] = field(default_factory=set)
+    shapes: dict[str, Dims] = field(default_factory=dict)
+    # For a constant: the initializer it was read from (through Identity/Cast/...).
+    origin: dict[str, str] = field(default_factory=dict)
+    producer: dict[str, Node] = field(default_factory=dict)
+    consumers: dict[str, list[Node]] = field(default_factory=dict)
+    opset: int = 0
+
+    def shape(self, value: str) -> Dims | None:
+        return self.shapes.get(value)
+
+    def known_shape(self, value: str) -> tuple[int, ...] | None:
+        """The shape with every dim known, else None."""
+        dims = self.shapes.get(value)
+        if dims is None or any(d is None for d in dims):
+            return None
+        return tuple(int(d) for d in dims)  # type: ignore[arg-type]
+
+    def const(self, value: str) -> np.ndarray | None:
+        return self.consts.get(value) if value else None
+
+
+def _attr_value(attr: onnx.AttributeProto) -> Any:
+    if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        return None
+    value = helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return [v.decode("utf-8", "replace") for v in value]
+    return value
+
+
+def _dims_of(value_info: onnx.ValueInfoProto) -> Dims | None:
+    t = value_info.type
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim
+    )
+
+
+def _set_input_shape(model: onnx.ModelProto, name: str, dims: tuple[int, ...]) -> None:
+    for inp in model.graph.input:
+        if inp.name != name:
+            continue
+        shape = inp.type.tensor_type.shape
+        if len(shape.dim) not in (0, len(dims)):
+            raise UsageError(
+                f"--input-shape has {len(dims)} dims but the model input '{name}' has "
+                f"{len(shape.dim)}"
+            )
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = d
+        return
+
+
+def build_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None) -> Graph:
+    """Turn a loaded ONNX model (external data already in memory) into a Graph."""
+    model_copy = onnx.ModelProto()
+    model_copy.CopyFrom(model)
+    model = model_copy
+    init_names = {t.name for t in model.graph.initializer}
+    data_inputs = [i.name for i in model.graph.input if i.name not in init_names]
+    if input_shape is not None:
+        if not data_inputs:
+            raise UsageError("--input-shape was given but the model has no data input")
+        _set_input_shape(model, data_inputs[0], input_shape)
+    else:
+        # A symbolic batch dimension is the only unknown lipcheck fills in itself:
+        # the norms of per-sample maps do not depend on the batch size.
+        for inp in model.graph.input:
+            if inp.name in data_inputs:
+                dims = inp.type.tensor_type.shape.dim
+                if dims and not dims[0].HasField("dim_value"):
+                    dims[0].dim_value = 1
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; shapes stay unknown
+        inferred = model
+
+    graph = Graph(nodes=[], inputs=data_inputs, outputs=[o.name for o in model.graph.output])
+    graph.opset = opset
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(
+        inferred.graph.output
+    ):
+        dims = _dims_of(vi)
+        if dims is not None:
+            graph.shapes[vi.name] = dims
+
+    for init in model.graph.initializer:
+        try:
+            arr = numpy_helper.to_array(init)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"initializer '{init.name}' cannot be read: {exc}") from exc
+        graph.consts[init.name] = arr
+        graph.static.add(init.name)
+        graph.origin[init.name] = init.name
+        graph.shapes[init.name] = tuple(arr.shape)
+
+    used: Counter[str] = Counter()
+    for index, proto in enumerate(model.graph.node):
+        attrs = {a.name: _attr_value(a) for a in proto.attribute}
+        has_sub = any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in proto.attribute
+        )
+        node = Node(
+            index=index,
+            name=proto.name or f"{proto.op_type}_{index}",
+            op=proto.op_type,
+            domain=proto.domain if proto.domain not in ("", "ai.onnx") else "",
+            inputs=list(proto.input),
+            outputs=list(proto.output),
+            attrs=attrs,
+            has_subgraph=has_sub,
+        )
+        graph.nodes.append(node)
+        for out in node.outputs:
+            graph.producer[out] = node
+        for inp in node.inputs:
+            if inp:
+                graph.consumers.setdefault(inp, []).append(node)
+        _fold(graph, node)
+    _name_layers(graph, used)
+    return graph
+
+
+def _fold(graph: Graph, node: Node) -> None:
+    """Mark the node's outputs static when they cannot depend on input values,
+    and compute their values when that is cheap."""
+    data = [i for i in node.inputs if i]
+    if node.op in SHAPE_ONLY_OPS and node.domain == "":
+        for out in node.outputs:
+            graph.static.add(out)
+        dims = graph.known_shape(data[0]) if data else None
+        if dims is not None:
+            if node.op == "Size":
+                graph.consts[node.outputs[0]] = np.array(int(np.prod(dims)), dtype=np.int64)
+            else:
+                start = int(node.attrs.get("start", 0))
+                end = node.attrs.get("end")
+                sl = dims[start:] if end is None else dims[start : int(end)]
+                graph.consts[node.outputs[0]] = np.array(sl, dtype=np.int64)
+        return
+    if node.op in NO_FOLD_OPS or node.has_subgraph or node.domain != "":
+        return
+    if not all(i in graph.static for i in data):
+        return
+    for out in node.outputs:
+        graph.static.add(out)
+    if not all(i in graph.consts for i in data):
+        return
+    values = _evaluate(node, [graph.consts[i] if i else None for i in node.inputs])
+    if values is None:
+        return
+    for out, val in zip(node.outputs, values):
+        if out:
+            graph.consts[out] = val
+            graph.shapes[out] = tuple(val.shape)
+    if node.op in ("Identity", "Cast", "Transpose", "DequantizeLinear", "Reshape") and data:
+        src = graph.origin.get(data[0])
+        if src is not None:
+            graph.origin[node.outputs[0]] = src
+
+
+def _evaluate(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
+    """Evaluate one node on constant inputs with the onnx reference runtime."""
+    if node.op == "Identity":
+        return [inputs[0]] if inputs[0] is not None else None
+    if any(i is not None and i.size > MAX_FOLD_ELEMENTS for i in inputs):
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
+    proto = helper.make_node(node.op, names, [f"o{k}" for k in range(len(node.outputs))])
+    for key, value in node.attrs.items():
+        if value is None:
+            return None
+        proto.attribute.append(helper.make_attribute(key, value))
+    try:
+        g = helper.make_graph(
+            [proto],
+            "fold",
+            [
+                helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                for n, v in zip(names, inputs)
+                if v is not None
+            ],
+            [helper.make_empty_tensor_value_info(f"o{k}") for k in range(len(node.outputs))],
+        )
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = ReferenceEvaluator(m).run(
+                None, {n: v for n, v in zip(names, inputs) if v is not None}
+            )
+    except Exception:  # noqa: BLE001 - a value we cannot fold stays unknown
+        return None
+    result = [np.asarray(v) for v in out]
+    if any(v.size > MAX_FOLD_ELEMENTS for v in result):
+        return None
+    return result
+
+
+WEIGHT_SLOT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "BatchNormalization": 1, "LSTM": 1,
+               "GRU": 1, "RNN": 1, "PRelu": 1}
+
+
+def _name_layers(graph: Graph, used: Counter[str]) -> None:
+    """Readable, unique names: the weight's initializer name without '.weight' when
+    there is one (so rows match state_dict keys), else the node name."""
+    for node in graph.nodes:
+        name = ""
+        slots = [WEIGHT_SLOT[node.op]] if node.op in WEIGHT_SLOT else []
+        if node.op in ("MatMul", "Mul", "Gemm"):
+            slots = [1, 0]
+        for slot in slots:
+            if slot < len(node.inputs):
+                src = graph.origin.get(node.inputs[slot])
+                if src:
+                    name = src[: -len(".weight")] if src.endswith(".weight") else src
+                    break
+        if not name:
+            name = node.name.lstrip("/") or f"{node.op}_{node.index}"
+        used[name] += 1
+        node.name = name if used[name] == 1 else f"{name}#{used[name]}"

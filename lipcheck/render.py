@@ -1,0 +1,97 @@
+"""Human output: the rich table and the progress bar. The only module that uses rich."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from .report import Report
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.6g}"
+
+
+def _shape(shape: list[int | None] | None) -> str:
+    return "x".join("?" if d is None else str(d) for d in shape) if shape else "-"
+
+
+def _iters(iterations: int | None, converged: bool | None) -> str:
+    if iterations is None:
+        return "-"
+    if iterations == 0:
+        return "exact"
+    return f"{iterations}" + ("" if converged else " (not converged)")
+
+
+def table(report: Report) -> Table:
+    t = Table(title=f"lipcheck: {report.model.path}  [{report.model.format}]", title_justify="left")
+    t.add_column("layer", overflow="fold")
+    t.add_column("op")
+    t.add_column("input shape")
+    t.add_column("sigma (est.)", justify="right")
+    t.add_column("sigma_matrix", justify="right")
+    t.add_column("sigma_upper", justify="right")
+    t.add_column("iters", justify="right")
+    t.add_column("bound so far", justify="right")
+    for r in report.layers:
+        t.add_row(r.name, r.op, _shape(r.input_shape), fmt(r.sigma), fmt(r.sigma_matrix),
+                  fmt(r.sigma_upper), _iters(r.iterations, r.converged), fmt(r.bound))
+    return t
+
+
+def summary(report: Report) -> Text:
+    n = report.network
+    text = Text()
+    if n.bounded:
+        text.append("network Lipschitz bound (certified): ", style="bold")
+        text.append(fmt(n.lipschitz_bound), style="bold green")
+        text.append(f"   estimate from power iteration: {fmt(n.lipschitz_estimate)}\n")
+    else:
+        text.append("network Lipschitz bound: ", style="bold")
+        text.append("none", style="bold red")
+        text.append(f" - {n.reason}\n")
+    unconverged = [r.name for r in report.layers if r.converged is False]
+    if unconverged:
+        text.append(f"{len(unconverged)} estimate(s) did not converge within max_iters "
+                    f"(their sigma is a lower bound; sigma_upper still holds)\n", style="yellow")
+    for s in report.skipped:
+        text.append(f"skipped {s.name} ({s.op}): {s.reason}\n", style="yellow")
+    for note in report.notes:
+        text.append(f"note: {note}\n")
+    return text
+
+
+def print_report(report: Report, console: Console) -> None:
+    console.print(table(report))
+    console.print(summary(report), end="")
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[object]:
+    """Yields a progress callback (or None): a bar on stderr while layers are analysed."""
+    if not enabled:
+        yield None
+        return
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[layer]}"), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("analysing", total=None, layer="")
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, layer=name[:40])
+
+        yield update

@@ -1,0 +1,121 @@
+"""The report: one record per layer, the network bound, what was skipped; JSON and CSV.
+
+This module is plain data and serialisation; it imports neither torch nor rich.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SCHEMA_VERSION = "1"
+
+
+@dataclass
+class LayerRow:
+    """One analysed op.
+
+    sigma        power-iteration estimate of the op's spectral norm (a lower bound)
+    sigma_matrix for convolutions: sigma of the weight reshaped to (out, -1), the
+                 number torch.nn.utils.spectral_norm divides by (not a Lipschitz constant)
+    sigma_upper  certified upper bound on the op's constant, obtained by upper_method
+    lipschitz    the constant the network bound uses for this op (certified)
+    bound        certified bound from the network input to this op's output
+    """
+
+    name: str
+    op: str
+    kind: str
+    input_shape: list[int | None] | None = None
+    sigma: float | None = None
+    sigma_matrix: float | None = None
+    sigma_upper: float | None = None
+    upper_method: str | None = None
+    lipschitz: float | None = None
+    iterations: int | None = None
+    converged: bool | None = None
+    bound: float | None = None
+    note: str | None = None
+
+
+@dataclass
+class SkippedOp:
+    name: str
+    op: str
+    reason: str
+
+
+@dataclass
+class NetworkResult:
+    lipschitz_bound: float | None
+    lipschitz_estimate: float | None
+    bounded: bool
+    certified: bool
+    reason: str
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    sha256: str
+    format: str
+    input_shape: list[int] | None = None
+
+
+@dataclass
+class Report:
+    model: ModelInfo
+    settings: dict[str, Any]
+    layers: list[LayerRow]
+    network: NetworkResult
+    skipped: list[SkippedOp] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "lipcheck_version": __version__,
+            "model": asdict(self.model),
+            "settings": dict(self.settings),
+            "layers": [asdict(r) for r in self.layers],
+            "network": asdict(self.network),
+            "skipped": [asdict(s) for s in self.skipped],
+            "notes": list(self.notes),
+        }
+        return _finite(doc)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: non-finite floats become null (the row's note
+    or the network reason says why)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+LAYER_FIELDS = [f.name for f in fields(LayerRow)]
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def to_csv(report: Report) -> str:
+    import pandas as pd
+
+    rows = []
+    for row in report.to_dict()["layers"]:
+        row = dict(row)
+        shape = row["input_shape"]
+        row["input_shape"] = "x".join("?" if d is None else str(d) for d in shape) if shape else ""
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=LAYER_FIELDS)
+    return str(frame.to_csv(index=False, lineterminator="\n"))

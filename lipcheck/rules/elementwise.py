@@ -1,0 +1,318 @@
+"""Rules for element-wise activations, arithmetic, and ops that only move values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..graph import Graph, Node
+from ..report import LayerRow
+from . import Context, Outcome, rule, unbounded
+
+# sup |f'| of element-wise activations (values computed on a fine grid in float64
+# and rounded up in the last digit, so they stay upper bounds).
+GELU_LIP = 1.1291  # max of Phi(x) + x phi(x) = 1.12890 (tanh approximation: 1.12899)
+SILU_LIP = 1.0999  # max of sigma(x)(1 + x(1 - sigma(x))) = 1.09984
+MISH_LIP = 1.0886  # 1.08850
+SELU_ALPHA, SELU_GAMMA = 1.6732632423543772, 1.0507009873554805
+
+
+def _activation_constant(node: Node, graph: Graph) -> float | None:
+    a = node.attrs
+    op = node.op
+    if op in ("Relu", "Tanh", "Softplus", "Softsign", "Abs", "Neg", "Celu", "Clip", "Sign"):
+        return 0.0 if op == "Sign" else 1.0
+    if op == "LeakyRelu":
+        return max(1.0, abs(float(a.get("alpha", 0.01))))
+    if op == "Elu":
+        return max(1.0, abs(float(a.get("alpha", 1.0))))
+    if op == "Selu":
+        return float(a.get("gamma", SELU_GAMMA)) * max(1.0, float(a.get("alpha", SELU_ALPHA)))
+    if op == "ThresholdedRelu":
+        return None  # a jump at alpha: not continuous
+    if op == "Erf":
+        return 2 / math.sqrt(math.pi)
+    if op == "Sigmoid":
+        return 0.25
+    if op == "HardSigmoid":
+        return abs(float(a.get("alpha", 0.2)))
+    if op == "HardSwish":
+        return 1.5  # x * hardsigmoid(x): slope 2x/6 + 1/2 peaks at x = 3
+    if op == "Gelu":
+        return GELU_LIP
+    if op == "Mish":
+        return MISH_LIP
+    if op == "Swish":
+        alpha = abs(float(a.get("alpha", 1.0)))
+        return SILU_LIP if alpha == 1.0 else None
+    if op == "PRelu":
+        slope = graph.const(node.inputs[1])
+        if slope is None:
+            return None
+        return max(1.0, float(np.abs(slope).max())) if slope.size else 1.0
+    if op in ("Softmax", "LogSoftmax"):
+        # Softmax is 1/2-Lipschitz in l2 and 1 is the safe choice (DESIGN.md);
+        # LogSoftmax = x - logsumexp(x) has Jacobian I - 1 p^T of norm <= 2.
+        return 1.0 if op == "Softmax" else 2.0
+    return None
+
+
+ACTIVATIONS = [
+    "Relu", "Tanh", "Softplus", "Softsign", "Abs", "Neg", "Celu", "Clip", "Sign", "LeakyRelu", "Elu",
+    "Selu", "ThresholdedRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Mish", "Swish",
+    "PRelu", "Softmax", "LogSoftmax", "Erf",
+]
+
+
+def _row(ctx: Context, node: Node, kind: str, value: float, method: str, note: str | None = None,
+         data_in: str | None = None) -> LayerRow:
+    dims = ctx.graph.shape(data_in or node.inputs[0])
+    return LayerRow(
+        name=node.name, op=node.op, kind=kind, input_shape=list(dims) if dims is not None else None,
+        sigma=value, sigma_upper=value, upper_method=method, lipschitz=value, note=note,
+    )
+
+
+@rule(*ACTIVATIONS)
+def activation(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    if data != [0]:
+        return unbounded(f"{node.op} parameter depends on the input")
+    value = _activation_constant(node, ctx.graph)
+    if value is None:
+        return unbounded(f"{node.op} with these attributes has no known Lipschitz constant")
+    return Outcome(factors={0: value}, row=_row(ctx, node, "activation", value, "sup |f'|"))
+
+
+# --------------------------------------------------------------------------- data movement
+
+# Ops that permute, copy out or select values without repeating any: norm <= 1.
+MOVERS = {
+    "Identity": 0, "Dropout": 0, "Flatten": 0, "Reshape": 0, "Transpose": 0, "Squeeze": 0,
+    "Unsqueeze": 0, "Slice": 0, "Split": 0, "Cast": 0, "DepthToSpace": 0, "SpaceToDepth": 0,
+    "CastLike": 0, "ReduceMax": 0, "ReduceMin": 0, "GlobalMaxPool": 0,
+}
+
+
+@rule(*MOVERS)
+def mover(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    """Reshapes and selections. ReduceMax/ReduceMin/GlobalMaxPool: |max a - max b| <=
+    max |a - b| <= ||a - b||_2 over each disjoint group, so also 1."""
+    if data != [0]:
+        return unbounded(f"{node.op} shape or index input depends on the input values")
+    if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2]:
+        mode = ctx.graph.const(node.inputs[2])
+        if mode is None or bool(mode):
+            return unbounded("Dropout in training mode is random")
+    return Outcome(factors={0: 1.0})
+
+
+@rule("Gather")
+def gather(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    """Gathering with constant indices copies each element at most m times: sqrt(m)."""
+    if data != [0]:
+        return unbounded("Gather indices depend on the input")
+    idx = ctx.graph.const(node.inputs[1])
+    shape = ctx.graph.known_shape(node.inputs[0])
+    if idx is None or shape is None:
+        return unbounded("Gather indices or input shape unknown")
+    axis = int(node.attrs.get("axis", 0)) % len(shape)
+    flat = np.where(idx < 0, idx + shape[axis], idx).reshape(-1)
+    mult = int(np.bincount(flat.astype(np.int64)).max()) if flat.size else 0
+    return Outcome(factors={0: math.sqrt(mult)})
+
+
+@rule("Expand", "Tile")
+def replicate(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    """Each element copied numel(out)/numel(in) times: norm sqrt of that ratio."""
+    if data != [0]:
+        return unbounded(f"{node.op} shape input depends on the input values")
+    f = broadcast_factor(ctx.graph, node.inputs[0], node.outputs[0])
+    if f is None:
+        return unbounded(f"{node.op}: shapes unknown, the replication factor cannot be bounded")
+    return Outcome(factors={0: f})
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def broadcast_factor(graph: Graph, inp: str, out: str) -> float | None:
+    """sqrt(numel(out) / numel(in)): broadcasting repeats each element that often."""
+    a, b = graph.known_shape(inp), graph.known_shape(out)
+    if a is not None and b is not None:
+        na, nb = math.prod(a), math.prod(b)
+        return math.sqrt(nb / na) if na else 0.0
+    sa, sb = graph.shape(inp), graph.shape(out)
+    if sa is not None and sb is not None and len(sa) == len(sb):
+        if all(x == y and x is not None for x, y in zip(sa, sb) if x is not None or y is not None):
+            return 1.0
+    return None
+
+
+def _factors(ctx: Context, node: Node, data: list[int], scale: dict[int, float] | None = None) -> Outcome:
+    factors = {}
+    for i in data:
+        f = broadcast_factor(ctx.graph, node.inputs[i], node.outputs[0])
+        if f is None:
+            return unbounded(f"{node.op}: input shapes unknown, broadcasting cannot be bounded")
+        factors[i] = f * (scale or {}).get(i, 1.0)
+    return Outcome(factors=factors)
+
+
+@rule("Add", "Sub", "Sum", "Mean")
+def add(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    """L(a + b) <= L_a + L_b; a constant operand adds nothing."""
+    scale = {i: 1.0 / len(node.inputs) for i in data} if node.op == "Mean" else None
+    out = _factors(ctx, node, data, scale)
+    if out.unbounded is None and len(data) > 1:
+        out.row = LayerRow(name=node.name, op=node.op, kind="combine", note="L = sum of input bounds")
+    return out
+
+
+@rule("Max", "Min")
+def elementwise_max(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    """|max(a,b) - max(a',b')| <= max(|da|, |db|) <= sqrt(da^2 + db^2) per element."""
+    out = _factors(ctx, node, data)
+    out.combine = "l2"
+    return out
+
+
+@rule("Concat")
+def concat(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    """L(concat(a, b)) <= sqrt(L_a^2 + L_b^2)."""
+    out = Outcome(factors={i: 1.0 for i in data}, combine="l2")
+    if len(data) > 1:
+        out.row = LayerRow(name=node.name, op=node.op, kind="combine",
+                           note="L = sqrt of the sum of squared input bounds")
+    return out
+
+
+def _same_source(graph: Graph, value: str, op: str, x: str) -> bool:
+    node = graph.producer.get(value)
+    return node is not None and node.op == op and node.inputs[0] == x
+
+
+def _silu_input(graph: Graph, a: str, b: str) -> str | None:
+    """x * sigmoid(x) -> x."""
+    for x, other in ((a, b), (b, a)):
+        if _same_source(graph, other, "Sigmoid", x):
+            return x
+    return None
+
+
+def _mish_input(graph: Graph, a: str, b: str) -> str | None:
+    """x * tanh(softplus(x)) -> x."""
+    for x, other in ((a, b), (b, a)):
+        tanh = graph.producer.get(other)
+        if tanh is not None and tanh.op == "Tanh" and _same_source(graph, tanh.inputs[0], "Softplus", x):
+            return x
+    return None
+
+
+def _erf_gelu_input(graph: Graph, a: str, b: str) -> str | None:
+    """x * (1 + erf(x / sqrt 2)) -> x: the erf form of 2 GELU(x) that torch exports."""
+    for x, other in ((a, b), (b, a)):
+        add = graph.producer.get(other)
+        if add is None or add.op != "Add":
+            continue
+        one = [graph.const(i) for i in add.inputs]
+        if not any(c is not None and c.size == 1 and float(c) == 1.0 for c in one):
+            continue
+        for term in add.inputs:
+            erf = graph.producer.get(term)
+            if erf is None or erf.op != "Erf":
+                continue
+            scale = graph.producer.get(erf.inputs[0])
+            if scale is None or scale.op not in ("Div", "Mul") or scale.inputs[0] != x:
+                continue
+            c = graph.const(scale.inputs[1])
+            want = math.sqrt(2) if scale.op == "Div" else 1 / math.sqrt(2)
+            if c is not None and c.size == 1 and abs(float(c) - want) < 1e-4:
+                return x
+    return None
+
+
+# x * g(x) products that are one smooth activation: (recogniser, name, sup |f'|).
+# The erf form is 2 GELU(x); the 0.5 multiply torch exports after it halves it back.
+PRODUCT_ACTIVATIONS = (
+    (_silu_input, "SiLU", SILU_LIP),
+    (_mish_input, "Mish", MISH_LIP),
+    (_erf_gelu_input, "2*GELU (erf form)", 2 * GELU_LIP),
+)
+
+
+@rule("Mul")
+def mul(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    g = ctx.graph
+    if len(data) == 2:
+        a, b = node.inputs
+        for find, name, value in PRODUCT_ACTIVATIONS:
+            x = find(g, a, b)
+            if x is not None:
+                row = _row(ctx, node, "activation", value, "sup |f'|", note=f"recognised {name}",
+                           data_in=x)
+                # The whole product is bounded through x; the g(x) branch adds nothing.
+                return Outcome(factors={node.inputs.index(x): value,
+                                        1 - node.inputs.index(x): 0.0}, row=row)
+        return unbounded("product of two activations is not globally Lipschitz")
+    pos = data[0]
+    c = g.const(node.inputs[1 - pos])
+    if c is None:
+        return unbounded("Mul by a value that is not a known constant")
+    value = float(np.abs(c).max()) if c.size else 0.0
+    out = _factors(ctx, node, data, {pos: value})
+    if out.unbounded is None:
+        out.row = _row(ctx, node, "diagonal", out.factors[pos], "exact", data_in=node.inputs[pos])
+    return out
+
+
+@rule("Div")
+def div(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    if 1 in data:
+        return unbounded("division by an activation is not globally Lipschitz")
+    c = ctx.graph.const(node.inputs[1])
+    if c is None:
+        return unbounded("Div by a value that is not a known constant")
+    with np.errstate(divide="ignore"):
+        value = float(np.abs(1.0 / c.astype(np.float64)).max()) if c.size else 0.0
+    if not math.isfinite(value):
+        return unbounded("division by zero constant")
+    out = _factors(ctx, node, [0], {0: value})
+    if out.unbounded is None:
+        out.row = _row(ctx, node, "diagonal", out.factors[0], "exact")
+    return out
+
+
+UNBOUNDED_OPS = {
+    "LayerNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
+    "GroupNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
+    "InstanceNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
+    "LpNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
+    "MeanVarianceNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
+    "Exp": "exp is not globally Lipschitz",
+    "Log": "log is not globally Lipschitz",
+    "Sqrt": "sqrt is not Lipschitz at 0",
+    "Reciprocal": "1/x is not globally Lipschitz",
+    "Pow": "pow is not globally Lipschitz",
+    "Floor": "floor is not continuous",
+    "Ceil": "ceil is not continuous",
+    "Round": "round is not continuous",
+    "ArgMax": "argmax is not continuous",
+    "ArgMin": "argmin is not continuous",
+    "TopK": "TopK indices are not continuous",
+    "Einsum": "Einsum of activations is not supported",
+    "If": "control flow (If) is not analysed",
+    "Loop": "control flow (Loop) is not analysed",
+    "Scan": "control flow (Scan) is not analysed",
+    "Where": "Where with an input-dependent condition is not continuous",
+    "Equal": "comparison is not continuous",
+    "Greater": "comparison is not continuous",
+    "Less": "comparison is not continuous",
+}
+
+
+@rule(*UNBOUNDED_OPS)
+def not_lipschitz(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    if node.op == "Where" and data and 0 not in data:
+        return _factors(ctx, node, data)
+    return unbounded(UNBOUNDED_OPS[node.op])

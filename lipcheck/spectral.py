@@ -1,0 +1,348 @@
+"""Spectral norms: power-iteration estimates and certified upper bounds.
+
+Everything here is pure numerics on torch tensors: no printing, no I/O.
+
+Two kinds of number come out of this module and must never be confused:
+
+* an **estimate** (``Estimate.sigma``) from power iteration. Power iteration
+  converges from below, so the estimate is a *lower* bound on the largest
+  singular value, and only close to it once converged;
+* a **certificate** (``Certificate.value``), an upper bound that holds whatever
+  the spectrum looks like (Gram iteration, circular-convolution FFT, Schur test).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Certificates are computed in float64. Rounding in a float64 matmul/FFT chain of
+# the sizes seen in networks is below 1e-9 relative; this factor covers it with room.
+CERT_SAFETY = 1.0 + 1e-6
+
+# Gram iteration stops once its bound is within this factor of the estimate,
+# or after GRAM_MAX_STEPS squarings (the overshoot is at most rank**(1/2**(t+1))).
+GRAM_TARGET_GAP = 1e-3
+GRAM_MAX_STEPS = 12
+
+Shape = tuple[int, ...]
+LinearMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A power-iteration estimate of the largest singular value (a lower bound)."""
+
+    sigma: float
+    iterations: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A proven upper bound on the largest singular value, and how it was obtained."""
+
+    value: float
+    method: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Numerical settings shared by every estimate of one run."""
+
+    tol: float = 1e-6
+    max_iters: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if not (0 < self.tol < 1):
+            raise ValueError(f"tol must be in (0, 1), got {self.tol}")
+        if self.max_iters < 1:
+            raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is refused."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return name
+
+
+def start_vector(shape: Shape, settings: Settings) -> torch.Tensor:
+    """A seeded unit start vector, drawn on the CPU so every device starts alike."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x.to(device=settings.device, dtype=settings.dtype)
+    return x / torch.linalg.vector_norm(x)
+
+
+def _power_loop(
+    gram: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    settings: Settings,
+) -> Estimate:
+    """Power iteration on AᵀA, given ``gram(x) = (A x, Aᵀ A x)``.
+
+    Invariant: ``x`` has unit norm. With y = A x and z = Aᵀ y, ||z|| / ||y|| is a
+    Rayleigh-type estimate that is >= ||A x|| and <= sigma_max(A), so each step's
+    value is a valid lower bound.
+    """
+    prev = 0.0
+    sigma = 0.0
+    for it in range(1, settings.max_iters + 1):
+        y, z = gram(x)
+        ny = torch.linalg.vector_norm(y)
+        nz = torch.linalg.vector_norm(z)
+        # One host sync per iteration: the convergence test needs the value.
+        ny_f, nz_f = float(ny), float(nz)
+        if ny_f == 0.0 or nz_f == 0.0:
+            return Estimate(0.0, it, True)
+        if not math.isfinite(nz_f):
+            return Estimate(math.nan, it, False)
+        sigma = nz_f / ny_f
+        if abs(sigma - prev) <= settings.tol * sigma:
+            return Estimate(sigma, it, True)
+        prev = sigma
+        x = z / nz
+    return Estimate(sigma, settings.max_iters, False)
+
+
+def matrix_estimate(weight: torch.Tensor, settings: Settings) -> Estimate:
+    """Largest singular value of a 2-D matrix (or the max over a batch of them)."""
+    w = weight.to(device=settings.device, dtype=settings.dtype)
+    if w.ndim == 2:
+        w = w.unsqueeze(0)
+    w = w.reshape(-1, w.shape[-2], w.shape[-1])
+    if w.numel() == 0:
+        return Estimate(0.0, 0, True)
+    if not bool(torch.isfinite(w).all()):
+        return Estimate(math.nan, 0, False)
+    best = Estimate(0.0, 0, True)
+    for mat in w:
+
+        def gram(x: torch.Tensor, m: torch.Tensor = mat) -> tuple[torch.Tensor, torch.Tensor]:
+            y = m @ x
+            return y, m.T @ y
+
+        est = _power_loop(gram, start_vector((mat.shape[1],), settings), settings)
+        if est.sigma > best.sigma or best.iterations == 0:
+            best = Estimate(est.sigma, max(est.iterations, best.iterations), est.converged)
+    return best
+
+
+def operator_estimate(fn: LinearMap, input_shape: Shape, settings: Settings) -> Estimate:
+    """Largest singular value of a linear map given only as a function.
+
+    The adjoint comes from autograd: for linear f, the vector-Jacobian product of
+    y = f(x) with cotangent y is exactly Aᵀ A x.
+    """
+
+    def gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            y = fn(xr)
+            (z,) = torch.autograd.grad(y, xr, grad_outputs=y.detach())
+        return y.detach(), z
+
+    return _power_loop(gram, start_vector(input_shape, settings), settings)
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def gram_upper_bound(weight: torch.Tensor, estimate: float = 0.0) -> Certificate:
+    """Certified sigma_max of a matrix (or max over a batch) by Gram iteration.
+
+    Delattre, Barthélemy, Araujo, Allauzen, "Efficient Bound of Lipschitz Constant
+    for Convolutional Layers by Gram Iteration", ICML 2023. With G_0 = W and
+    G_{t+1} = G_tᵀ G_t, sigma_max(W) = sigma_max(G_t)^(1/2^t) <= ||G_t||_F^(1/2^t).
+    Each G_t is renormalised to unit Frobenius norm and the scale kept as a log.
+    """
+    w = weight.detach().to(dtype=torch.float64)
+    if w.ndim == 2:
+        w = w.unsqueeze(0)
+    w = w.reshape(-1, w.shape[-2], w.shape[-1])
+    if w.numel() == 0:
+        return Certificate(0.0, "gram")
+    if not bool(torch.isfinite(w).all()):
+        return Certificate(math.nan, "gram")
+    if w.shape[-2] < w.shape[-1]:
+        w = w.transpose(-1, -2)  # G_1 = WᵀW is then the smaller square
+    best = 0.0
+    for mat in w:
+        best = max(best, _gram_single(mat, estimate))
+    return Certificate(best * CERT_SAFETY, "gram")
+
+
+def _gram_single(h: torch.Tensor, estimate: float) -> float:
+    log_scale = 0.0  # G_t = exp(log_scale) * h, ||h||_F = 1
+    bound = math.inf
+    for t in range(GRAM_MAX_STEPS + 1):
+        f = float(torch.linalg.matrix_norm(h, "fro"))
+        if f == 0.0:
+            return 0.0
+        h = h / f
+        log_scale += math.log(f)
+        bound = min(bound, math.exp(log_scale / 2**t))
+        if estimate > 0 and bound <= estimate * (1 + GRAM_TARGET_GAP):
+            break
+        if t < GRAM_MAX_STEPS:
+            h = h.T @ h
+            log_scale *= 2
+    return bound
+
+
+def conv_fft_upper_bound(
+    weight: torch.Tensor, grid: Sequence[int], dilation: Sequence[int], groups: int
+) -> Certificate:
+    """Exact norm of the circular convolution on ``grid`` with this kernel.
+
+    Sedghi, Gupta, Long, "The Singular Values of Convolutional Layers", ICLR 2019:
+    a circular convolution is block-diagonalised by the DFT, so its norm is the
+    max over frequencies of sigma_max of the (out x in) matrix of kernel DFTs.
+    A zero-padded (strided) convolution on an input whose padded length plus the
+    kernel extent fits in ``grid`` is that circular convolution restricted to an
+    embedded input and followed by a selection of outputs, so this bounds it.
+    ``weight`` is (rows, cols/groups, *kernel); groups are taken as blocks of rows.
+    """
+    w = weight.detach().to(dtype=torch.float64)
+    rows, cols_g = w.shape[0], w.shape[1]
+    k = w.shape[2:]
+    d = len(k)
+    if w.numel() == 0:
+        return Certificate(0.0, "fft")
+    if not bool(torch.isfinite(w).all()):
+        return Certificate(math.nan, "fft")
+    padded = torch.zeros((rows, cols_g, *grid), dtype=torch.float64, device=w.device)
+    index = [slice(None), slice(None)] + [
+        slice(0, (k[i] - 1) * dilation[i] + 1, dilation[i]) for i in range(d)
+    ]
+    padded[tuple(index)] = w
+    spec = torch.fft.rfftn(padded, dim=tuple(range(2, 2 + d)))
+    # (rows, cols_g, *freqs) -> (freqs, groups, rows_g, cols_g)
+    spec = spec.reshape(groups, rows // groups, cols_g, -1).permute(3, 0, 1, 2)
+    best = 0.0
+    chunk = max(1, (1 << 24) // max(1, spec[0].numel()))
+    for start in range(0, spec.shape[0], chunk):
+        block = spec[start : start + chunk]
+        best = max(best, float(torch.linalg.matrix_norm(block, ord=2).max()))
+    return Certificate(best * CERT_SAFETY, "fft")
+
+
+def conv_reshape_upper_bound(weight: torch.Tensor, groups: int) -> Certificate:
+    """Input-size-independent bound for a convolution (zero padding, any stride).
+
+    y = sum_t K_t S_t x with T kernel taps and shifts S_t of norm <= 1, so
+    ||A|| <= sqrt(T) * min(||[K_1 ... K_T]||, ||[K_1; ...; K_T]||), per group.
+    """
+    w = weight.detach().to(dtype=torch.float64)
+    rows, cols_g = w.shape[0], w.shape[1]
+    taps = math.prod(w.shape[2:])
+    wg = w.reshape(groups, rows // groups, cols_g, taps)
+    wide = wg.permute(0, 1, 3, 2).reshape(groups, rows // groups, taps * cols_g)
+    tall = wg.permute(0, 3, 1, 2).reshape(groups, taps * (rows // groups), cols_g)
+    best = min(gram_upper_bound(wide).value, gram_upper_bound(tall).value)
+    return Certificate(math.sqrt(taps) * best, "reshape-sqrt-taps")
+
+
+def schur_upper_bound(fn: LinearMap, input_shape: Shape) -> Certificate:
+    """Schur test for a linear map with non-negative entries (pools, pads, slices).
+
+    ||A||_2 <= sqrt(||A||_1 ||A||_inf) = sqrt(max(Aᵀ 1) * max(A 1)); both column and
+    row sums are read off by applying the map and its adjoint to all-ones vectors.
+    """
+    with torch.enable_grad():
+        ones = torch.ones(input_shape, dtype=torch.float64, requires_grad=True)
+        out = fn(ones)
+        (col,) = torch.autograd.grad(out, ones, grad_outputs=torch.ones_like(out))
+    row_max = float(out.detach().abs().max()) if out.numel() else 0.0
+    col_max = float(col.abs().max()) if col.numel() else 0.0
+    return Certificate(math.sqrt(row_max * col_max) * CERT_SAFETY, "schur")
+
+
+def pad_multiplicity(mode: str, size: int | None, begin: int, end: int) -> int:
+    """Max number of output positions one input position is copied to, along one axis.
+
+    A padding map P has one 1 per row, so PᵀP is diagonal with these counts and
+    ||P|| = sqrt(max count) exactly (product over axes for separable pads).
+    """
+    begin, end = max(begin, 0), max(end, 0)
+    if mode == "constant" or (begin == 0 and end == 0):
+        return 1
+    if size is None:
+        return 1 + begin + end
+    idx = torch.arange(-begin, size + end)
+    if mode == "reflect":
+        period = 2 * (size - 1) if size > 1 else 1
+        src = torch.remainder(idx, period)
+        src = torch.where(src >= size, period - src, src)
+    elif mode == "edge":
+        src = idx.clamp(0, size - 1)
+    elif mode == "wrap":
+        src = torch.remainder(idx, size)
+    else:
+        raise ValueError(f"unknown padding mode {mode!r}")
+    return int(torch.bincount(src, minlength=size).max())
+
+
+TORCH_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def pad_forward(pads: Sequence[tuple[int, int]], mode: str = "constant") -> LinearMap:
+    """Padding of the trailing len(pads) axes, ONNX mode names (constant value 0)."""
+    flat: list[int] = []
+    for b, e in reversed(list(pads)):  # F.pad wants the last axis first
+        flat += [b, e]
+    torch_mode = TORCH_PAD_MODES[mode]
+    if not any(flat):
+        return lambda x: x
+    if torch_mode == "constant":
+        return lambda x: F.pad(x, flat)
+    return lambda x: F.pad(x, flat, mode=torch_mode)
+
+
+def conv_forward(
+    weight: torch.Tensor,
+    *,
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    pads: Sequence[tuple[int, int]],
+    pad_mode: str = "constant",
+    transposed: bool = False,
+    output_padding: Sequence[int] | None = None,
+) -> LinearMap:
+    """The bias-free convolution as a function of its input (batch 1 first).
+
+    For a transposed conv, ``pads`` crop the full output (ONNX semantics)."""
+    d = weight.ndim - 2
+    if transposed:
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+        opad = tuple(output_padding or [0] * d)
+
+        def apply_t(x: torch.Tensor) -> torch.Tensor:
+            y = conv_t(x, weight.to(device=x.device, dtype=x.dtype), stride=tuple(stride), dilation=tuple(dilation),
+                       groups=groups, output_padding=opad)
+            index = [slice(None), slice(None)] + [
+                slice(b, y.shape[2 + i] - e) for i, (b, e) in enumerate(pads)
+            ]
+            return y[tuple(index)]
+
+        return apply_t
+
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    padder = pad_forward(pads, pad_mode)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return conv(padder(x), weight.to(device=x.device, dtype=x.dtype), stride=tuple(stride), dilation=tuple(dilation),
+                    groups=groups)
+
+    return apply
