@@ -12,13 +12,13 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "analyze", "Report"]
 
 if TYPE_CHECKING:
-    from .analyze import analyze
+    from .api import analyze
     from .report import Report
 
 
 def __getattr__(name: str) -> Any:
     if name == "analyze":
-        from .analyze import analyze
+        from .api import analyze
 
         return analyze
     if name == "Report":

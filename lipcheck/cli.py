@@ -10,10 +10,10 @@ import enum
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
-import click
 import typer
+from typer._click import exceptions as click_exceptions
 
 from . import __version__
 from .errors import EXIT_INTERNAL, EXIT_OK, LipcheckError, UsageError
@@ -47,9 +47,9 @@ class DType(str, enum.Enum):
 
 # Options shared by every command that analyses a model, declared once.
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .onnx, TorchScript, torch.save checkpoint or state_dict, .pt2.", show_default=False)]
-InputShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Input size, batch first, e.g. 1,3,224,224. Needed for TorchScript and pickled modules; overrides an ONNX model's own.")]
+InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Input size, batch first, e.g. 1,3,224,224. Needed for TorchScript and pickled modules; overrides an ONNX model's own.")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")]
-OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]
 TolOpt = Annotated[float, typer.Option("--tol", help="Power iteration stops when the relative change of sigma is below this.")]
 MaxItersOpt = Annotated[int, typer.Option("--max-iters", help="Power iteration stops after this many iterations (reported as not converged).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the power-iteration start vectors.")]
@@ -124,7 +124,7 @@ def inspect(
 ) -> int:
     """Per-layer spectral norms and the network's Lipschitz bound."""
     shape = parse_shape(input_shape)
-    from .analyze import analyze
+    from .api import analyze
     from .render import progress_bar
 
     with progress_bar(progress and sys.stderr.isatty()) as callback:
@@ -132,16 +132,16 @@ def inspect(
                          device=device.value, dtype=dtype.value, trust=trust,
                          progress=callback)  # type: ignore[arg-type]
     if format is OutputFormat.table:
-        from rich.console import Console
+        import io
 
-        from .render import print_report
+        from .render import make_console, print_report
 
         if output is None:
-            print_report(report, Console())
+            print_report(report, make_console())
         else:
-            console = Console(record=True, width=160, file=open(os.devnull, "w"))  # noqa: SIM115
-            print_report(report, console)
-            write_output(console.export_text(), output, model)
+            buffer = io.StringIO()
+            print_report(report, make_console(buffer))
+            write_output(buffer.getvalue(), output, model)
         return EXIT_OK
     from .report import to_csv, to_json
 
@@ -155,12 +155,12 @@ def run(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="lipcheck", standalone_mode=False)
         return result if isinstance(result, int) else EXIT_OK
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return int(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("lipcheck: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
+    except click_exceptions.ClickException as exc:
         print(f"lipcheck: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
         return UsageError.exit_code
     except LipcheckError as exc:

@@ -42,6 +42,7 @@ class Node:
     outputs: list[str]
     attrs: dict[str, Any]
     has_subgraph: bool = False
+    attr_protos: list[onnx.AttributeProto] = field(default_factory=list)
 
 
 @dataclass
@@ -173,6 +174,7 @@ def build_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = No
             outputs=list(proto.output),
             attrs=attrs,
             has_subgraph=has_sub,
+            attr_protos=list(proto.attribute),
         )
         graph.nodes.append(node)
         for out in node.outputs:
@@ -233,10 +235,7 @@ def _evaluate(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] |
 
     names = [f"i{k}" if v is not None else "" for k, v in enumerate(inputs)]
     proto = helper.make_node(node.op, names, [f"o{k}" for k in range(len(node.outputs))])
-    for key, value in node.attrs.items():
-        if value is None:
-            return None
-        proto.attribute.append(helper.make_attribute(key, value))
+    proto.attribute.extend(node.attr_protos)
     try:
         g = helper.make_graph(
             [proto],

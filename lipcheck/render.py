@@ -33,19 +33,19 @@ def _iters(iterations: int | None, converged: bool | None) -> str:
         return "-"
     if iterations == 0:
         return "exact"
-    return f"{iterations}" + ("" if converged else " (not converged)")
+    return f"{iterations}" + ("" if converged else "!")
 
 
 def table(report: Report) -> Table:
     t = Table(title=f"lipcheck: {report.model.path}  [{report.model.format}]", title_justify="left")
     t.add_column("layer", overflow="fold")
-    t.add_column("op")
-    t.add_column("input shape")
-    t.add_column("sigma (est.)", justify="right")
-    t.add_column("sigma_matrix", justify="right")
-    t.add_column("sigma_upper", justify="right")
-    t.add_column("iters", justify="right")
-    t.add_column("bound so far", justify="right")
+    t.add_column("op", no_wrap=True)
+    t.add_column("input", no_wrap=True)
+    t.add_column("sigma est", justify="right", no_wrap=True)
+    t.add_column("sigma_mat", justify="right", no_wrap=True)
+    t.add_column("sigma_up", justify="right", no_wrap=True)
+    t.add_column("iters", justify="right", no_wrap=True)
+    t.add_column("bound", justify="right", no_wrap=True)
     for r in report.layers:
         t.add_row(r.name, r.op, _shape(r.input_shape), fmt(r.sigma), fmt(r.sigma_matrix),
                   fmt(r.sigma_upper), _iters(r.iterations, r.converged), fmt(r.bound))
@@ -65,13 +65,23 @@ def summary(report: Report) -> Text:
         text.append(f" - {n.reason}\n")
     unconverged = [r.name for r in report.layers if r.converged is False]
     if unconverged:
-        text.append(f"{len(unconverged)} estimate(s) did not converge within max_iters "
-                    f"(their sigma is a lower bound; sigma_upper still holds)\n", style="yellow")
+        text.append(f"{len(unconverged)} estimate(s) marked ! did not converge within max_iters "
+                    "(their sigma is a lower bound; sigma_upper still holds)\n", style="yellow")
+    text.append("sigma est: power-iteration estimate (a lower bound); sigma_up: certified upper "
+                "bound; sigma_mat: norm of the reshaped conv weight; bound: certified bound from "
+                "the input to that layer\n", style="dim")
     for s in report.skipped:
         text.append(f"skipped {s.name} ({s.op}): {s.reason}\n", style="yellow")
     for note in report.notes:
         text.append(f"note: {note}\n")
     return text
+
+
+def make_console(file: object | None = None) -> Console:
+    """A terminal keeps its own width; a pipe or file gets a fixed 140 columns."""
+    if file is None and Console().is_terminal:
+        return Console()
+    return Console(file=file, width=140)  # type: ignore[arg-type]
 
 
 def print_report(report: Report, console: Console) -> None:

@@ -277,24 +277,26 @@ def _conv_certificate(weight, spatial, kernel, strides, dilations, groups, pre_p
         return spectral.gram_upper_bound(w)
     k_eff = [(kernel[i] - 1) * dilations[i] + 1 for i in range(d)]
     if transposed:
+        # ConvTranspose is the adjoint of the strided conv with the same weight, run on
+        # its full (uncropped) output; cropping the pads only removes outputs.
         opad = [int(v) for v in node.attrs.get("output_padding", [0] * d)]
-        # full (uncropped) output length of the transposed conv: no wrap-around on it
-        grid = [(spatial[i] - 1) * strides[i] + k_eff[i] + opad[i] for i in range(d)]
-        return spectral.conv_fft_upper_bound(weight, grid, dilations, groups)
-    padded = [spatial[i] + pre_pads[i][0] + pre_pads[i][1] for i in range(d)]
+        full = [(spatial[i] - 1) * strides[i] + k_eff[i] + opad[i] for i in range(d)]
+        return spectral.strided_conv_upper_bound(weight, full, strides, dilations, groups)
     if mode == "wrap" and all(pre_pads[i][0] + pre_pads[i][1] == k_eff[i] - 1 for i in range(d)) \
             and all(b == 0 and e == 0 for b, e in conv_pads):
         # circular padding by exactly the kernel extent: a circular conv on the input grid
+        # (subsampled when strided, which only removes outputs)
         cert = spectral.conv_fft_upper_bound(weight, list(spatial), dilations, groups)
         return spectral.Certificate(cert.value, "fft-circular")
-    grid = [padded[i] + conv_pads[i][0] + conv_pads[i][1] + k_eff[i] - 1 for i in range(d)]
-    cert = spectral.conv_fft_upper_bound(weight, grid, dilations, groups)
+    padded = [spatial[i] + pre_pads[i][0] + pre_pads[i][1] + conv_pads[i][0] + conv_pads[i][1]
+              for i in range(d)]
+    cert = spectral.strided_conv_upper_bound(weight, padded, strides, dilations, groups)
     if mode == "constant":
         return cert
     mult = math.prod(
         spectral.pad_multiplicity(mode, spatial[i], pre_pads[i][0], pre_pads[i][1]) for i in range(d)
     )
-    return spectral.Certificate(cert.value * math.sqrt(mult), f"fft x {mode}-pad")
+    return spectral.Certificate(cert.value * math.sqrt(mult), f"{cert.method} x {mode}-pad")
 
 
 # --------------------------------------------------------------------------- BatchNorm

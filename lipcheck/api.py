@@ -106,20 +106,25 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
                          "respect to all of them concatenated")
         return Report(model=info, settings=settings_dict(settings), layers=comp.rows,
                       network=comp.network, skipped=comp.skipped, notes=notes)
-    rows, skipped = tensor_rows(loaded.tensors or {}, settings, progress)
+    notes = list(loaded.notes)
+    rows, skipped = tensor_rows(loaded.tensors or {}, settings, notes, progress)
     network = NetworkResult(lipschitz_bound=None, lipschitz_estimate=None, bounded=False,
                             certified=False, reason=loaded.why_no_graph)
     return Report(model=info, settings=settings_dict(settings), layers=rows, network=network,
-                  skipped=skipped, notes=list(loaded.notes))
+                  skipped=skipped, notes=notes)
 
 
-def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings,
+PASSIVE_LEAVES = {"bias", "running_mean", "num_batches_tracked"}
+
+
+def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, notes: list[str],
                 progress: ProgressFn | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
     """Per-tensor numbers for weights without a graph: 2-D = a linear layer, 3-5-D = a
     conv kernel (reshaped norm and a size-independent certified bound), BatchNorm from
     its weight and running_var."""
     rows: list[LayerRow] = []
     skipped: list[SkippedOp] = []
+    passive = 0  # biases and BatchNorm statistics: no effect on a Lipschitz constant
     names = list(tensors)
     for i, key in enumerate(names):
         if progress is not None:
@@ -127,9 +132,12 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings,
         t = tensors[key]
         layer, _, leaf = key.rpartition(".")
         layer = layer or key
+        bn_stat = leaf == "running_var" and f"{layer}.weight" in tensors
+        if leaf in PASSIVE_LEAVES or leaf.startswith("bias_") or bn_stat:
+            passive += 1
+            continue
         if not t.is_floating_point():
-            if leaf != "num_batches_tracked":
-                skipped.append(SkippedOp(key, "tensor", f"{t.dtype} tensor: not a float weight"))
+            skipped.append(SkippedOp(key, "tensor", f"{t.dtype} tensor: not a float weight"))
             continue
         w = t.detach().to(torch.float64)
         if leaf == "weight" and t.ndim == 1 and f"{layer}.running_var" in tensors:
@@ -156,10 +164,12 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings,
                      "stride, dilation and groups with zero padding",
             ))
         else:
-            what = "bias or statistics" if t.ndim <= 1 else f"{t.ndim}-D tensor"
-            skipped.append(SkippedOp(key, "tensor", f"{what}: not a layer weight"))
+            skipped.append(SkippedOp(key, "tensor", f"{t.ndim}-D tensor: not a layer weight lipcheck knows"))
     if progress is not None:
         progress(len(names), len(names), "")
+    if passive:
+        notes.append(f"{passive} bias / BatchNorm statistics tensors: they do not change a "
+                     "Lipschitz constant")
     for row in rows:
         if row.lipschitz is not None and not math.isfinite(row.lipschitz):
             row.note = "weight has NaN or Inf"

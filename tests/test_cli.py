@@ -1,0 +1,295 @@
+"""The command line: output formats, exit codes, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from lipcheck.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+
+
+def lipcheck(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = run([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_and_version_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from lipcheck.cli import run\n"
+        "assert run(['--help']) == 0\n"
+        "assert run(['inspect', '--help']) == 0\n"
+        "assert run(['--version']) == 0\n"
+        "heavy = [m for m in ('torch', 'onnx', 'onnx2torch', 'pandas') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "inspect" in proc.stdout and "lipcheck 0." in proc.stdout
+
+
+def test_module_entry_point() -> None:
+    proc = subprocess.run([sys.executable, "-m", "lipcheck", "--version"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("lipcheck ")
+
+
+def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = lipcheck(["inspect", SAMPLES / "resnet.onnx", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "network Lipschitz bound (certified)" in out
+    assert "BatchNormalization" in out and "Add" in out
+
+
+def test_json_document(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = lipcheck(["inspect", SAMPLES / "cnn.onnx", "--format", "json", "--seed", "3"],
+                              capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["schema_version"] == "1"
+    assert doc["model"]["format"] == "onnx" and len(doc["model"]["sha256"]) == 64
+    assert doc["settings"] == {"tol": 1e-6, "max_iters": 1000, "seed": 3, "device": "cpu",
+                               "dtype": "float32"}
+    layer_keys = {"name", "op", "input_shape", "sigma", "sigma_matrix", "sigma_upper",
+                  "iterations", "converged"}
+    assert all(layer_keys <= set(row) for row in doc["layers"])
+    net = doc["network"]
+    assert net["bounded"] is True and net["lipschitz_bound"] > 0 and net["reason"]
+    assert doc["skipped"] == []
+    convs = [r for r in doc["layers"] if r["op"] == "Conv"]
+    assert len(convs) == 2 and all(r["sigma_matrix"] is not None for r in convs)
+
+
+def test_json_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
+    first = lipcheck(["inspect", SAMPLES / "mlp.onnx", "-f", "json"], capsys)[1]
+    second = lipcheck(["inspect", SAMPLES / "mlp.onnx", "-f", "json"], capsys)[1]
+    assert first == second
+
+
+def test_csv_to_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "report.csv"
+    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.onnx", "-f", "csv", "-o", target], capsys)
+    assert code == 0, err
+    assert out == ""
+    frame = pd.read_csv(target)
+    assert list(frame["op"]) == ["Gemm", "Relu", "Gemm", "Tanh", "Gemm"]
+    for column in ("name", "sigma", "sigma_matrix", "sigma_upper", "iterations", "converged"):
+        assert column in frame.columns
+    assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
+
+
+def test_state_dict_has_no_network_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.state_dict.pt", "-f", "json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["network"]["bounded"] is False and doc["network"]["lipschitz_bound"] is None
+    assert "no graph" in doc["network"]["reason"]
+    assert [r["name"] for r in doc["layers"]] == ["0", "2", "4"]
+
+
+def test_torchscript_needs_input_shape_for_a_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = lipcheck(["inspect", SAMPLES / "mlp.ts.pt", "-f", "json"], capsys)
+    assert code == 0 and json.loads(out)["network"]["bounded"] is False
+    code, out, _ = lipcheck(["inspect", SAMPLES / "mlp.ts.pt", "-f", "json", "--input-shape",
+                             "1,16"], capsys)
+    assert code == 0 and json.loads(out)["network"]["bounded"] is True
+
+
+def test_pickle_needs_trust(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.pickle.pt", "--input-shape", "1,16"],
+                              capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "--trust" in err
+    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.pickle.pt", "--input-shape", "1,16",
+                               "--trust", "-f", "json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["network"]["bounded"] is True
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["inspect", "no/such/model.onnx"], "does not exist"),
+        (["inspect", SAMPLES / "mlp.onnx", "--tol", "2"], "--tol"),
+        (["inspect", SAMPLES / "mlp.onnx", "--max-iters", "0"], "--max-iters"),
+        (["inspect", SAMPLES / "mlp.onnx", "--input-shape", "1,a"], "--input-shape"),
+        (["inspect", SAMPLES / "mlp.onnx", "--input-shape", "1,3,8,8"], "--input-shape"),
+        (["inspect", SAMPLES / "mlp.onnx", "--format", "yaml"], "yaml"),
+        (["inspect", SAMPLES / "mlp.onnx", "-o", "no/such/dir/r.json", "-f", "json"], "does not exist"),
+        (["inspect", SAMPLES], "directory"),
+        (["inspect"], "Missing argument"),
+    ],
+)
+def test_bad_usage_is_one_line_exit_2(args: list[object], fragment: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = lipcheck(args, capsys)  # type: ignore[arg-type]
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("lipcheck: error:"), err
+    assert fragment in err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 64, b"not a model at all", b"PK\x03\x04junk"])
+def test_broken_files_exit_2(tmp_path: Path, content: bytes,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content)
+    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+
+
+def test_report_never_overwrites_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes((SAMPLES / "mlp.onnx").read_bytes())
+    code, _, err = lipcheck(["inspect", model, "-f", "json", "-o", model], capsys)
+    assert code == 2 and "model file" in err
+    assert model.read_bytes() == (SAMPLES / "mlp.onnx").read_bytes()
+
+
+# --------------------------------------------------------------------------- ONNX graphs
+
+
+def _gemm_graph(nodes: list[onnx.NodeProto], inits: list[TensorProto], out_dim: int,
+                opset: int = 17, domains: tuple[str, ...] = ()) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_dim])], inits,
+    )
+    imports = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+    return helper.make_model(graph, opset_imports=imports)
+
+
+def test_weights_in_constant_nodes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    w = np.diag([3.0, -5.0, 2.0, 1.0]).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Relu", ["h"], ["y"]),
+    ]
+    path = tmp_path / "const.onnx"
+    onnx.save(_gemm_graph(nodes, [], 4), path)
+    code, out, err = lipcheck(["inspect", path, "-f", "json", "--dtype", "float64", "--tol", "1e-12"],
+                              capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["layers"][0]["sigma"] == pytest.approx(5.0, rel=1e-9)
+    assert 5.0 <= doc["network"]["lipschitz_bound"] <= 5.0 * (1 + 2e-4)
+
+
+def test_unsupported_ops_are_skipped_with_reason(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(4, 4)).astype(np.float32)
+    w2 = rng.normal(size=(3, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1),
+        helper.make_node("Mystery", ["h"], ["g"], domain="com.example"),
+        helper.make_node("Gemm", ["g", "w2"], ["y"], transB=1),
+    ]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    path = tmp_path / "custom.onnx"
+    onnx.save(_gemm_graph(nodes, inits, 3, domains=("com.example",)), path)
+    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [r["name"] for r in doc["layers"]] == ["w1", "w2"]
+    for row, w in zip(doc["layers"], (w1, w2)):
+        assert row["sigma"] == pytest.approx(float(np.linalg.norm(w, 2)), rel=1e-4)
+    assert doc["skipped"][0]["op"] == "Mystery" and "com.example" in doc["skipped"][0]["reason"]
+    assert doc["network"]["bounded"] is False and doc["network"]["lipschitz_bound"] is None
+    assert "Mystery" in doc["network"]["reason"]
+
+
+def test_if_node_is_skipped_but_layers_still_measured(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    w = np.diag([2.0, 1.0, 1.0, 1.0]).astype(np.float32)
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("Identity", ["h"], [f"{name}_out"])], name, [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1, 4])],
+    )
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["h"]),
+        helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=branch("a"), else_branch=branch("b")),
+    ]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(0), "zero")]
+    path = tmp_path / "if.onnx"
+    onnx.save(_gemm_graph(nodes, inits, 4), path)
+    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["layers"][0]["sigma"] == pytest.approx(2.0, rel=1e-5)
+    assert doc["network"]["bounded"] is False
+
+
+def test_external_data_inside_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = onnx.load(SAMPLES / "mlp.onnx")
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    code, out, err = lipcheck(["inspect", tmp_path / "ext.onnx", "-f", "json"], capsys)
+    assert code == 0, err
+    _, ref, _ = lipcheck(["inspect", SAMPLES / "mlp.onnx", "-f", "json"], capsys)
+    assert json.loads(out)["layers"] == json.loads(ref)["layers"]
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "link.bin", "missing.bin"])
+def test_external_data_outside_folder_is_refused(tmp_path: Path, location: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model = onnx.load(SAMPLES / "mlp.onnx")
+    onnx.save(model, folder / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    (tmp_path / "outside.bin").write_bytes((folder / "weights.bin").read_bytes())
+    (folder / "link.bin").symlink_to(tmp_path / "outside.bin")
+    loaded = onnx.load(folder / "ext.onnx", load_external_data=False)
+    for init in loaded.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(loaded, folder / "ext.onnx")
+    code, out, err = lipcheck(["inspect", folder / "ext.onnx", "-f", "json"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+
+
+def test_external_data_length_beyond_file_is_refused(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    model = onnx.load(SAMPLES / "mlp.onnx")
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    data = (tmp_path / "weights.bin").read_bytes()
+    (tmp_path / "weights.bin").write_bytes(data[: len(data) // 2])
+    code, _, err = lipcheck(["inspect", tmp_path / "ext.onnx"], capsys)
+    assert code == 2 and "beyond" in err
+
+
+def test_lstm_rows_and_unbounded_network(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from lipcheck.testing import make_lstm
+
+    model, shape = make_lstm()
+    path = tmp_path / "lstm.onnx"
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.zeros(shape),), buffer, dynamo=False, opset_version=17)
+    path.write_bytes(buffer.getvalue())
+    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    gates = [r for r in doc["layers"] if r["kind"] == "recurrent"]
+    assert len(gates) == 8  # 4 gates x (W, R)
+    assert doc["network"]["bounded"] is False and "LSTM" in doc["network"]["reason"]
