@@ -41,7 +41,7 @@ def _apply(outcome: Outcome, factors: dict[int, float], lip: dict[str, float],
            inputs: list[str]) -> float:
     terms = []
     for pos, f in factors.items():
-        l_in = lip.get(inputs[pos], 0.0)
+        l_in = lip.get(outcome.sources.get(pos, inputs[pos]), 0.0)
         # 0 * inf: an input that is ignored (factor 0) contributes nothing.
         terms.append(0.0 if f == 0.0 or l_in == 0.0 else f * l_in)
     return _combine(outcome.combine, terms)
@@ -85,6 +85,9 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
                 row.note = outcome.unbounded
             result.rows.append(row)
         result.rows.extend(outcome.extra_rows)
+        if outcome.absorbs:
+            gone = set(outcome.absorbs)
+            result.rows = [r for r in result.rows if r.name not in gone]
         if math.isnan(l_cert) and not any("not finite" in r for r in result.reasons):
             result.reasons.append(f"{node.name}: weights with NaN or Inf make the bound not finite")
     if progress is not None:

@@ -183,8 +183,59 @@ def build_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = No
             if inp:
                 graph.consumers.setdefault(inp, []).append(node)
         _fold(graph, node)
+    for _ in range(MAX_REFINE_ROUNDS):
+        if not _refine_shapes(graph, model):
+            break
     _name_layers(graph, used)
     return graph
+
+
+MAX_REFINE_ROUNDS = 3
+MAX_REFINE_CONST = 1 << 16
+
+
+def _refine_shapes(graph: Graph, model: onnx.ModelProto) -> bool:
+    """Shape inference cannot see through values computed at run time (pads or shapes
+    built from Shape ops). Once those are folded, run it again on a copy of the model in
+    which they are initializers, then fold again. Returns True when shapes were learned."""
+    missing = [v for n in graph.nodes for v in n.outputs
+               if v and v not in graph.static and graph.known_shape(v) is None]
+    if not missing:
+        return False
+    folded = {v for n in graph.nodes for v in n.outputs
+              if v in graph.consts and graph.consts[v].size <= MAX_REFINE_CONST}
+    variant = onnx.ModelProto()
+    variant.CopyFrom(model)
+    del variant.graph.value_info[:]
+    kept = [n for n in variant.graph.node if not (n.output and all(o in folded for o in n.output))]
+    del variant.graph.node[:]
+    variant.graph.node.extend(kept)
+    have = {t.name for t in variant.graph.initializer}
+    for name in sorted(folded - have):
+        variant.graph.initializer.append(numpy_helper.from_array(graph.consts[name], name))
+    for inp in variant.graph.input:
+        dims = graph.known_shape(inp.name)
+        if inp.name in graph.inputs and dims is not None:
+            _set_input_shape(variant, inp.name, dims)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inferred = onnx.shape_inference.infer_shapes(variant, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort, as in the first pass
+        return False
+    learned = False
+    for vi in inferred.graph.value_info:
+        dims = _dims_of(vi)
+        if dims is not None and None not in dims and graph.known_shape(vi.name) is None:
+            graph.shapes[vi.name] = dims
+            learned = True
+    if learned:
+        for node in graph.nodes:
+            if node.op in SHAPE_ONLY_OPS and node.outputs[0] not in graph.consts:
+                _fold(graph, node)
+            elif node.outputs and node.outputs[0] in graph.static and node.outputs[0] not in graph.consts:
+                _fold(graph, node)
+    return learned
 
 
 def _fold(graph: Graph, node: Node) -> None:

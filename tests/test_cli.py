@@ -293,3 +293,22 @@ def test_lstm_rows_and_unbounded_network(tmp_path: Path, capsys: pytest.CaptureF
     gates = [r for r in doc["layers"] if r["kind"] == "recurrent"]
     assert len(gates) == 8  # 4 gates x (W, R)
     assert doc["network"]["bounded"] is False and "LSTM" in doc["network"]["reason"]
+
+
+def test_torch_export_archive_needs_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from lipcheck.testing import make_cnn
+
+    model, shape = make_cnn()
+    path = tmp_path / "cnn.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(shape),)), path)
+    code, out, err = lipcheck(["inspect", path], capsys)
+    assert code == 2 and "--trust" in err and out == ""
+    code, out, err = lipcheck(["inspect", path, "--trust", "-f", "json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    _, ref, _ = lipcheck(["inspect", SAMPLES / "cnn.onnx", "-f", "json"], capsys)
+    ref_doc = json.loads(ref)
+    assert doc["model"]["input_shape"] == [1, 3, 16, 16]
+    assert doc["network"]["lipschitz_bound"] == pytest.approx(ref_doc["network"]["lipschitz_bound"], rel=1e-9)

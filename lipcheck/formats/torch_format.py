@@ -179,7 +179,10 @@ def to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
     (the dynamo exporter folds them into convs) and accepts ScriptModules."""
     import onnx
 
-    module.eval()
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass  # a torch.export module is fixed at export time and refuses eval()
     example = torch.zeros(input_shape)
     buffer = io.BytesIO()
     sink = io.StringIO()

@@ -31,6 +31,12 @@ class Outcome:
     row: LayerRow | None = None
     extra_rows: list[LayerRow] = field(default_factory=list)
     unbounded: str | None = None
+    # data input position -> the value whose bound the factor multiplies, when the op
+    # was measured together with ops before it (a conv with its padding)
+    sources: dict[int, str] = field(default_factory=dict)
+    # names of earlier ops that turned out to be internal parts of this one (the g(x) of
+    # an x * g(x) activation): their rows are folded into this op's row
+    absorbs: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -192,25 +192,28 @@ def _same_source(graph: Graph, value: str, op: str, x: str) -> bool:
     return node is not None and node.op == op and node.inputs[0] == x
 
 
-def _silu_input(graph: Graph, a: str, b: str) -> str | None:
-    """x * sigmoid(x) -> x."""
+Match = tuple[str, list[Node]]  # (x, the nodes of the g(x) branch)
+
+
+def _silu_input(graph: Graph, a: str, b: str) -> Match | None:
+    """x * sigmoid(x)."""
     for x, other in ((a, b), (b, a)):
         if _same_source(graph, other, "Sigmoid", x):
-            return x
+            return x, [graph.producer[other]]
     return None
 
 
-def _mish_input(graph: Graph, a: str, b: str) -> str | None:
-    """x * tanh(softplus(x)) -> x."""
+def _mish_input(graph: Graph, a: str, b: str) -> Match | None:
+    """x * tanh(softplus(x))."""
     for x, other in ((a, b), (b, a)):
         tanh = graph.producer.get(other)
         if tanh is not None and tanh.op == "Tanh" and _same_source(graph, tanh.inputs[0], "Softplus", x):
-            return x
+            return x, [graph.producer[tanh.inputs[0]], tanh]
     return None
 
 
-def _erf_gelu_input(graph: Graph, a: str, b: str) -> str | None:
-    """x * (1 + erf(x / sqrt 2)) -> x: the erf form of 2 GELU(x) that torch exports."""
+def _erf_gelu_input(graph: Graph, a: str, b: str) -> Match | None:
+    """x * (1 + erf(x / sqrt 2)): the erf form of 2 GELU(x) that torch exports."""
     for x, other in ((a, b), (b, a)):
         add = graph.producer.get(other)
         if add is None or add.op != "Add":
@@ -228,7 +231,7 @@ def _erf_gelu_input(graph: Graph, a: str, b: str) -> str | None:
             c = graph.const(scale.inputs[1])
             want = math.sqrt(2) if scale.op == "Div" else 1 / math.sqrt(2)
             if c is not None and c.size == 1 and abs(float(c) - want) < 1e-4:
-                return x
+                return x, [scale, erf, add]
     return None
 
 
@@ -247,13 +250,16 @@ def mul(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if len(data) == 2:
         a, b = node.inputs
         for find, name, value in PRODUCT_ACTIVATIONS:
-            x = find(g, a, b)
-            if x is not None:
+            match = find(g, a, b)
+            if match is not None:
+                x, branch = match
                 row = _row(ctx, node, "activation", value, "sup |f'|", note=f"recognised {name}",
                            data_in=x)
-                # The whole product is bounded through x; the g(x) branch adds nothing.
-                return Outcome(factors={node.inputs.index(x): value,
-                                        1 - node.inputs.index(x): 0.0}, row=row)
+                # The whole product is bounded through x; the g(x) branch adds nothing, and
+                # its ops are part of this activation rather than layers of their own.
+                pos = node.inputs.index(x)
+                return Outcome(factors={pos: value, 1 - pos: 0.0}, row=row,
+                               absorbs=[n.name for n in branch])
         return unbounded("product of two activations is not globally Lipschitz")
     pos = data[0]
     c = g.const(node.inputs[1 - pos])

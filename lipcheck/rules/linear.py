@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -132,27 +134,113 @@ def _conv_pads(node: Node, spatial: tuple[int, ...] | None, kernel: tuple[int, .
     return pads
 
 
-def _fused_pad(ctx: Context, node: Node) -> tuple[str, list[tuple[int, int]], str] | None:
-    """A Pad feeding only this conv and padding only spatial axes becomes part of it,
-    so the conv row is the norm of the padded convolution (as torch's padding_mode)."""
+# Ops that only copy, drop or rearrange values (a constant operand only shifts them).
+SELECTION_OPS = {"Slice", "Concat", "Pad", "Identity", "Split", "Gather", "Transpose", "Reshape",
+                 "Squeeze", "Unsqueeze", "Flatten", "Tile", "Expand"}
+MAX_SELECTION_ELEMENTS = 1 << 26
+
+
+@dataclass
+class Selection:
+    """The conv's input as a selection S of an earlier value x: conv_in = S(x) + const.
+
+    ``index`` has the conv input's shape; entry j is the flat index of the x entry copied
+    there, or -1 where the linear part is zero (zero padding, constants). Exporters write
+    padding this way (reflect as Pad, circular as Slice + Concat), and folding it into the
+    conv gives the norm of the padded convolution, as torch's padding_mode means it.
+    """
+
+    source: str
+    source_shape: tuple[int, ...]
+    index: torch.Tensor
+    multiplicity: int
+
+
+def _selection_into(ctx: Context, value: str) -> Selection | None:
     g = ctx.graph
-    src = g.producer.get(node.inputs[0])
-    if src is None or src.op != "Pad" or len(g.consumers.get(src.outputs[0], [])) != 1:
+    nodes: dict[int, Node] = {}
+    sources: set[str] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        producer = g.producer.get(v)
+        if v in g.static:
+            continue
+        if producer is None or producer.op not in SELECTION_OPS or producer.domain:
+            sources.add(v)
+            continue
+        if producer.index not in nodes:
+            nodes[producer.index] = producer
+            stack.extend(i for i in producer.inputs if i)
+    if not nodes or len(sources) != 1:
         return None
-    mode = src.attrs.get("mode", "constant")
-    pads = src.attrs.get("pads")
-    if pads is None and len(src.inputs) > 1:
-        pads_arr = g.const(src.inputs[1])
-        pads = None if pads_arr is None else [int(v) for v in pads_arr.reshape(-1)]
-    if pads is None or (len(src.inputs) > 3 and src.inputs[3]):
-        return None  # unknown pads, or an axes input
-    rank = len(pads) // 2
-    if rank < 3 or any(pads[i] or pads[i + rank] for i in range(2)):
+    source = sources.pop()
+    src_shape, out_shape = g.known_shape(source), g.known_shape(value)
+    if src_shape is None or math.prod(src_shape) > MAX_SELECTION_ELEMENTS:
         return None
-    if any(v < 0 for v in pads):
+    statics = {i for n in nodes.values() for i in n.inputs if i and i in g.static}
+    if any(g.const(i) is None for i in statics):
         return None
-    spatial = [(pads[i], pads[i + rank]) for i in range(2, rank)]
-    return src.inputs[0], spatial, str(mode)
+    coded = _run_selection(g, sorted(nodes.values(), key=lambda n: n.index), source, src_shape,
+                           value, statics)
+    if coded is None or (out_shape is not None and tuple(coded.shape) != out_shape):
+        return None
+    g.shapes[value] = tuple(coded.shape)  # shape inference may not have seen through the pads
+    lin = np.rint(coded).astype(np.int64)
+    if not np.array_equal(lin, coded) or lin.min() < 0 or lin.max() > math.prod(src_shape):
+        return None  # not a pure copy of x's entries
+    index = torch.from_numpy(lin - 1)
+    copies = torch.bincount(index[index >= 0].reshape(-1), minlength=1)
+    return Selection(source, src_shape, index, int(copies.max()) if copies.numel() else 0)
+
+
+def _run_selection(g, nodes, source, src_shape, value, statics):  # type: ignore[no-untyped-def]
+    """Evaluate the selection subgraph on x = 1..N and on x = 0 (reference runtime); the
+    difference is the linear part, exactly, since it only copies values."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    def as64(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
+
+    protos = []
+    for n in nodes:
+        proto = helper.make_node(n.op, n.inputs, n.outputs)
+        proto.attribute.extend(n.attr_protos)
+        protos.append(proto)
+    graph = helper.make_graph(
+        protos, "selection",
+        [helper.make_tensor_value_info(source, onnx.TensorProto.DOUBLE, src_shape)],
+        [helper.make_empty_tensor_value_info(value)],
+        [numpy_helper.from_array(as64(g.const(i)), i) for i in sorted(statics)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(g.opset, 13))])
+    try:
+        run = ReferenceEvaluator(model)
+        n = math.prod(src_shape)
+        coded = run.run(None, {source: np.arange(1, n + 1, dtype=np.float64).reshape(src_shape)})[0]
+        zero = run.run(None, {source: np.zeros(src_shape, dtype=np.float64)})[0]
+    except Exception:  # noqa: BLE001 - a subgraph we cannot evaluate is simply not folded
+        return None
+    return np.asarray(coded, dtype=np.float64) - np.asarray(zero, dtype=np.float64)
+
+
+def _circular_pads(sel: Selection, d: int) -> list[tuple[int, int]] | None:
+    """The pads, when the selection is exactly circular padding of x's spatial axes."""
+    src, out = sel.source_shape, tuple(sel.index.shape)
+    if len(src) != d + 2 or len(out) != d + 2 or src[:2] != out[:2]:
+        return None
+    totals = [out[2 + i] - src[2 + i] for i in range(d)]
+    if any(t < 0 or t > src[2 + i] for i, t in enumerate(totals)):
+        return None
+    coded = torch.arange(math.prod(src), dtype=torch.float64).reshape(src)
+    for begins in itertools.product(*[range(t + 1) for t in totals]):
+        pads = [(b, t - b) for b, t in zip(begins, totals)]
+        wrapped = spectral.pad_forward(pads, "wrap")(coded).to(torch.int64)
+        if torch.equal(wrapped, sel.index):
+            return pads
+    return None
 
 
 @rule("Conv", "ConvTranspose")
@@ -171,27 +259,20 @@ def conv(ctx: Context, node: Node, data: list[int]) -> Outcome:
     strides = [int(v) for v in node.attrs.get("strides", [1] * d)]
     dilations = [int(v) for v in node.attrs.get("dilations", [1] * d)]
 
-    fused = None if transposed else _fused_pad(ctx, node)
-    in_value = fused[0] if fused else node.inputs[0]
-    in_shape = g.known_shape(in_value)
-    spatial = in_shape[2:] if in_shape is not None and len(in_shape) == d + 2 else None
-    pre_pads = fused[1] if fused else [(0, 0)] * d
-    pad_mode = fused[2] if fused else "constant"
-    padded = (
-        tuple(spatial[i] + pre_pads[i][0] + pre_pads[i][1] for i in range(d)) if spatial else None
-    )
+    sel = None if transposed else _selection_into(ctx, node.inputs[0])
+    in_value = sel.source if sel else node.inputs[0]
+    conv_in = g.known_shape(node.inputs[0])
+    spatial = conv_in[2:] if conv_in is not None and len(conv_in) == d + 2 else None
 
     # sigma_matrix: the reshaped weight torch.nn.utils.spectral_norm normalises by
     # (dim 0 for Conv, dim 1 for ConvTranspose).
     mat = weight.transpose(0, 1) if transposed else weight
     sm = spectral.matrix_estimate(mat.reshape(mat.shape[0], -1), ctx.settings)
-
-    row = LayerRow(
-        name=node.name, op=node.op, kind="conv",
-        input_shape=_shape_list(ctx, in_value), sigma_matrix=sm.sigma,
-    )
-    if fused:
-        row.note = f"includes the preceding {pad_mode} Pad"
+    row = LayerRow(name=node.name, op=node.op, kind="conv",
+                   input_shape=_shape_list(ctx, in_value), sigma_matrix=sm.sigma)
+    sources = {0: sel.source} if sel else {}
+    if sel:
+        row.note = f"includes the padding/selection before it (copies <= {sel.multiplicity})"
     if not bool(torch.isfinite(weight).all()):
         row.note = "weight has NaN or Inf"
         return Outcome(factors={0: math.nan}, row=row)
@@ -199,51 +280,43 @@ def conv(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if transposed:
         conv_pads = _conv_transpose_pads(node, g, spatial, kernel, strides, dilations)
     else:
-        conv_pads = _conv_pads(node, padded, kernel, strides, dilations)
+        conv_pads = _conv_pads(node, spatial, kernel, strides, dilations)
     if spatial is None or conv_pads is None:
-        cert = spectral.conv_reshape_upper_bound(
-            weight, groups if not transposed else groups
-        )
-        pad_norm = math.prod(
-            spectral.pad_multiplicity(pad_mode, None, b, e) for b, e in pre_pads
-        ) ** 0.5
-        upper = cert.value * pad_norm
-        row.sigma_upper = row.lipschitz = upper
+        cert = spectral.conv_reshape_upper_bound(weight, groups)
+        row.sigma_upper = row.lipschitz = cert.value
         row.upper_method = cert.method
         row.note = "input size unknown: size-independent upper bound, no estimate (pass --input-shape)"
-        return Outcome(factors={0: upper}, est_factors={0: upper}, row=row)
+        return Outcome(factors={0: cert.value}, row=row)
 
-    all_pads = [(pre_pads[i][0], pre_pads[i][1]) for i in range(d)]
-    w_run = weight.to(device=ctx.settings.device, dtype=ctx.settings.dtype)
+    # Scale the weight to max |w| = 1 for the iteration (keeps |A^T A x| in float32 range).
+    scale = float(weight.abs().max()) or 1.0
+    w_run = (weight / scale).to(device=ctx.settings.device, dtype=ctx.settings.dtype)
     if transposed:
         opad = [int(v) for v in node.attrs.get("output_padding", [0] * d)]
-        fn = spectral.conv_forward(
-            w_run, stride=strides, dilation=dilations, groups=groups, pads=conv_pads,
-            transposed=True, output_padding=opad,
-        )
+        fn = spectral.conv_forward(w_run, stride=strides, dilation=dilations, groups=groups, pads=conv_pads,
+                                   transposed=True, output_padding=opad)
     else:
-        merged = [(pre_pads[i][0] + conv_pads[i][0], pre_pads[i][1] + conv_pads[i][1]) for i in range(d)]
-        if pad_mode == "constant":
-            fn = spectral.conv_forward(w_run, stride=strides, dilation=dilations, groups=groups, pads=merged)
-        else:
-            fn = _padded_conv(w_run, strides, dilations, groups, all_pads, pad_mode, conv_pads)
-    c_in = in_shape[1] if in_shape else weight.shape[1] * groups
-    est = spectral.operator_estimate(fn, (1, c_in, *spatial), ctx.settings)
-    cert = _conv_certificate(weight, spatial, kernel, strides, dilations, groups, all_pads,
-                             pad_mode, conv_pads, transposed, node)
-    row.sigma, row.iterations, row.converged = est.sigma, est.iterations, est.converged
+        fn = spectral.conv_forward(w_run, stride=strides, dilation=dilations, groups=groups, pads=conv_pads)
+    est_shape = (1, weight.shape[0] if transposed else weight.shape[1] * groups, *spatial)
+    if sel:
+        fn = _through_selection(sel, fn, ctx)
+        est_shape = (1, *sel.source_shape[1:])
+    est = spectral.operator_estimate(fn, est_shape, ctx.settings)
+    sigma = est.sigma * scale
+    cert = _conv_certificate(weight, spatial, kernel, strides, dilations, groups, conv_pads,
+                             transposed, node, sigma, sel)
+    row.sigma, row.iterations, row.converged = sigma, est.iterations, est.converged
     row.sigma_upper = row.lipschitz = cert.value
     row.upper_method = cert.method
-    return Outcome(factors={0: cert.value}, est_factors={0: est.sigma}, row=row)
+    return Outcome(factors={0: cert.value}, est_factors={0: sigma}, row=row, sources=sources)
 
 
-def _padded_conv(weight: torch.Tensor, strides: list[int], dilations: list[int], groups: int,
-                 pre_pads: list[tuple[int, int]], mode: str,
-                 conv_pads: list[tuple[int, int]]) -> spectral.LinearMap:
-    """A reflect/edge/wrap Pad followed by a (possibly zero-padded) conv."""
-    padder = spectral.pad_forward(pre_pads, mode)
-    conv_fn = spectral.conv_forward(weight, stride=strides, dilation=dilations, groups=groups, pads=conv_pads)
-    return lambda x: conv_fn(padder(x))
+def _through_selection(sel: Selection, fn: spectral.LinearMap, ctx: Context) -> spectral.LinearMap:
+    flat = sel.index.reshape(-1)
+    keep = (flat >= 0).to(device=ctx.settings.device, dtype=ctx.settings.dtype)
+    gather = flat.clamp_min(0).to(ctx.settings.device)
+    shape = tuple(sel.index.shape)
+    return lambda x: fn((x.reshape(-1)[gather] * keep).reshape(shape))
 
 
 def _conv_transpose_pads(node: Node, g, spatial, kernel, strides, dilations):  # type: ignore[no-untyped-def]
@@ -268,35 +341,38 @@ def _conv_transpose_pads(node: Node, g, spatial, kernel, strides, dilations):  #
     return pads
 
 
-def _conv_certificate(weight, spatial, kernel, strides, dilations, groups, pre_pads, mode,  # type: ignore[no-untyped-def]
-                      conv_pads, transposed, node) -> spectral.Certificate:
+def _conv_certificate(weight, spatial, kernel, strides, dilations, groups, conv_pads,  # type: ignore[no-untyped-def]
+                      transposed, node, estimate, sel) -> spectral.Certificate:
+    """A certified bound on the conv at this input size; ``estimate`` (a lower bound on its
+    norm, from power iteration) only decides when the Gram iteration may stop."""
+    estimate = estimate if math.isfinite(estimate) else 0.0
     d = len(kernel)
-    if all(k == 1 for k in kernel) and mode == "constant":
-        # A 1x1 conv applies the same (block-diagonal) matrix at every position.
-        w = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1])
-        return spectral.gram_upper_bound(w)
     k_eff = [(kernel[i] - 1) * dilations[i] + 1 for i in range(d)]
     if transposed:
         # ConvTranspose is the adjoint of the strided conv with the same weight, run on
         # its full (uncropped) output; cropping the pads only removes outputs.
         opad = [int(v) for v in node.attrs.get("output_padding", [0] * d)]
         full = [(spatial[i] - 1) * strides[i] + k_eff[i] + opad[i] for i in range(d)]
-        return spectral.strided_conv_upper_bound(weight, full, strides, dilations, groups)
-    if mode == "wrap" and all(pre_pads[i][0] + pre_pads[i][1] == k_eff[i] - 1 for i in range(d)) \
-            and all(b == 0 and e == 0 for b, e in conv_pads):
-        # circular padding by exactly the kernel extent: a circular conv on the input grid
-        # (subsampled when strided, which only removes outputs)
-        cert = spectral.conv_fft_upper_bound(weight, list(spatial), dilations, groups)
-        return spectral.Certificate(cert.value, "fft-circular")
-    padded = [spatial[i] + pre_pads[i][0] + pre_pads[i][1] + conv_pads[i][0] + conv_pads[i][1]
-              for i in range(d)]
-    cert = spectral.strided_conv_upper_bound(weight, padded, strides, dilations, groups)
-    if mode == "constant":
+        return spectral.strided_conv_upper_bound(weight, full, strides, dilations, groups, estimate)
+    if sel is not None and all(b == 0 and e == 0 for b, e in conv_pads):
+        wrap = _circular_pads(sel, d)
+        if wrap is not None and all(wrap[i][0] + wrap[i][1] == k_eff[i] - 1 for i in range(d)):
+            # circular padding by the kernel extent: a circular conv on x's grid (subsampled
+            # when strided, which only drops outputs)
+            cert = spectral.conv_fft_upper_bound(weight, list(sel.source_shape[2:]), dilations, groups, estimate)
+            return spectral.Certificate(cert.value, "fft-circular")
+    if all(k == 1 for k in kernel) and sel is None:
+        # A 1x1 conv applies the same (block-diagonal) matrix at every position.
+        w = weight.reshape(groups, weight.shape[0] // groups, weight.shape[1])
+        return spectral.gram_upper_bound(w, estimate)
+    padded = [spatial[i] + conv_pads[i][0] + conv_pads[i][1] for i in range(d)]
+    copies = sel.multiplicity if sel is not None else 1
+    cert = spectral.strided_conv_upper_bound(weight, padded, strides, dilations, groups,
+                                             estimate / math.sqrt(copies) if copies else 0.0)
+    if copies <= 1:
         return cert
-    mult = math.prod(
-        spectral.pad_multiplicity(mode, spatial[i], pre_pads[i][0], pre_pads[i][1]) for i in range(d)
-    )
-    return spectral.Certificate(cert.value * math.sqrt(mult), f"{cert.method} x {mode}-pad")
+    # S copies each x entry at most `copies` times: ||S|| = sqrt(copies).
+    return spectral.Certificate(cert.value * math.sqrt(copies), f"{cert.method} x sqrt(copies)")
 
 
 # --------------------------------------------------------------------------- BatchNorm

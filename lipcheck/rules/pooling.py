@@ -75,10 +75,12 @@ def average_pool(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if shape is None or node.attrs.get("ceil_mode", 0) or any(v != 1 for v in dilations) \
             or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "", "VALID"):
         # Schur by hand: rows sum to 1, an input is in <= m windows each weighing it by
-        # 1/count >= 1/k (counting pads or full windows) or 1/1 (a window of one value).
+        # 1/k when every window counts k values (pads counted, or no pads and no ceil_mode),
+        # else by at most 1 (a partial window may hold a single value).
         m = _overlap(kernel, strides, dilations)
         k = math.prod(kernel)
-        value = math.sqrt(m / k) if include_pad or not any(b or e for b, e in pads) else math.sqrt(m)
+        full = not node.attrs.get("ceil_mode", 0) and (include_pad or not any(b or e for b, e in pads))
+        value = math.sqrt(m / k) if full else math.sqrt(m)
         return _formula_row(ctx, node, value, "schur (formula)")
     pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[d - 1]
     padder = spectral.pad_forward(pads)
@@ -125,7 +127,6 @@ def reduce_mean(ctx: Context, node: Node, data: list[int]) -> Outcome:
 def pad(ctx: Context, node: Node, data: list[int]) -> Outcome:
     """A padding map has one 1 per row: norm sqrt(max copies of one input)."""
     g = ctx.graph
-    consumers = g.consumers.get(node.outputs[0], [])
     if data != [0]:
         return unbounded("Pad amounts depend on the input values")
     mode = str(node.attrs.get("mode", "constant"))
@@ -147,14 +148,9 @@ def pad(ctx: Context, node: Node, data: list[int]) -> Outcome:
     for j, axis in enumerate(axes):
         size = shape[axis] if shape is not None else None
         mult *= spectral.pad_multiplicity(mode, size, pads[j], pads[j + rank])
-    value = math.sqrt(mult)
-    fused = len(consumers) == 1 and consumers[0].op == "Conv"
-    if fused and mode != "constant":
-        # Counted inside the conv's row (its operator includes this padding).
-        return Outcome(factors={0: 1.0})
     if mode == "constant":
         return Outcome(factors={0: 1.0})  # zero padding is an isometric embedding
-    return _formula_row(ctx, node, value, "exact (copy count)")
+    return _formula_row(ctx, node, math.sqrt(mult), "exact (copy count)")
 
 
 @rule("Resize", "Upsample")
