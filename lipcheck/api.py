@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,26 @@ def analyze(
     A module needs ``input_shape`` (batch first) to be traced; without it, and for
     a bare state_dict, only per-tensor numbers are reported and no network bound.
     """
+    settings = make_settings(tol, max_iters, seed, device, dtype)
+    return run_analysis(source, input_shape, settings, trust=trust, progress=progress).report
+
+
+@dataclass
+class Analysis:
+    """A report with what produced it: the loaded model and, for a graph, the graph and
+    the per-op outcomes (what ``normalize`` needs to rewrite weights and re-compose)."""
+
+    report: Report
+    loaded: Any
+    graph: Any = None
+    composition: Any = None
+
+
+def run_analysis(source: str | Path | torch.nn.Module, input_shape: tuple[int, ...] | None,
+                 settings: spectral.Settings, *, trust: bool = False,
+                 progress: ProgressFn | None = None) -> Analysis:
     from .formats import Loaded
 
-    settings = make_settings(tol, max_iters, seed, device, dtype)
     if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
         raise UsageError(f"input shape must be positive dims, batch first, got {input_shape}")
     if isinstance(source, torch.nn.Module):
@@ -87,7 +105,7 @@ def analyze(
 
 
 def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
-                   progress: ProgressFn | None = None) -> Report:
+                   progress: ProgressFn | None = None) -> Analysis:
     if loaded.onnx_model is not None:
         from .bound import compose
         from .graph import build_graph
@@ -104,14 +122,16 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
         if len(graph.inputs) > 1:
             notes.append(f"the model has {len(graph.inputs)} data inputs; the bound is with "
                          "respect to all of them concatenated")
-        return Report(model=info, settings=settings_dict(settings), layers=comp.rows,
-                      network=comp.network, skipped=comp.skipped, notes=notes)
+        report = Report(model=info, settings=settings_dict(settings), layers=comp.rows,
+                        network=comp.network, skipped=comp.skipped, notes=notes)
+        return Analysis(report, loaded, graph, comp)
     notes = list(loaded.notes)
     rows, skipped = tensor_rows(loaded.tensors or {}, settings, notes, progress)
     network = NetworkResult(lipschitz_bound=None, lipschitz_estimate=None, bounded=False,
                             certified=False, reason=loaded.why_no_graph)
-    return Report(model=info, settings=settings_dict(settings), layers=rows, network=network,
-                  skipped=skipped, notes=notes)
+    report = Report(model=info, settings=settings_dict(settings), layers=rows, network=network,
+                    skipped=skipped, notes=notes)
+    return Analysis(report, loaded)
 
 
 PASSIVE_LEAVES = {"bias", "running_mean", "num_batches_tracked"}

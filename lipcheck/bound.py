@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .graph import Graph
+from .graph import Graph, Node
 from .report import LayerRow, NetworkResult, SkippedOp
 from .rules import RULES, Context, Outcome
 
@@ -27,6 +27,7 @@ class Composition:
     skipped: list[SkippedOp] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     network: NetworkResult | None = None
+    steps: list[tuple[Node, Outcome]] = field(default_factory=list)
 
 
 def _combine(kind: str, terms: list[float]) -> float:
@@ -48,9 +49,8 @@ def _apply(outcome: Outcome, factors: dict[int, float], lip: dict[str, float],
 
 
 def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> Composition:
+    """Run every op's rule, then propagate the bounds through the graph."""
     result = Composition()
-    cert: dict[str, float] = {name: 1.0 for name in graph.inputs}
-    est: dict[str, float] = dict(cert)
     total = len(graph.nodes)
     for i, node in enumerate(graph.nodes):
         if progress is not None:
@@ -67,33 +67,53 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
             outcome = Outcome(factors={}, unbounded=reason)
         else:
             outcome = handler(ctx, node, data)
-        if outcome.unbounded is not None:
-            l_cert = l_est = math.inf
-            if handler is not None:
+            if outcome.unbounded is not None:
                 result.reasons.append(f"{node.name} ({node.op}): {outcome.unbounded}")
                 if outcome.row is None and not outcome.extra_rows:
                     result.skipped.append(SkippedOp(node.name, node.op, outcome.unbounded))
+        result.steps.append((node, outcome))
+    if progress is not None:
+        progress(total, total, "")
+
+    cert, est = propagate(graph, result.steps)
+    absorbed = {name for _, outcome in result.steps for name in outcome.absorbs}
+    for node, outcome in result.steps:
+        if outcome.row is not None and node.name not in absorbed:
+            outcome.row.bound = cert[node.outputs[0]]
+            if outcome.unbounded is not None:
+                outcome.row.note = outcome.unbounded
+            result.rows.append(outcome.row)
+        result.rows.extend(outcome.extra_rows)
+        if math.isnan(cert[node.outputs[0]]) and not any("not finite" in r for r in result.reasons):
+            result.reasons.append(f"{node.name}: weights with NaN or Inf make the bound not finite")
+    result.network = _network(graph, cert, est, result.reasons)
+    return result
+
+
+def propagate(graph: Graph, steps: list[tuple[Node, Outcome]],
+              multipliers: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """L of every value, certified and estimated; ``multipliers`` scales an op's constants
+    by name (what rescaling that op's weight by the same factor does to them)."""
+    cert: dict[str, float] = {name: 1.0 for name in graph.inputs}
+    est: dict[str, float] = dict(cert)
+    for node, outcome in steps:
+        if outcome.unbounded is not None:
+            l_cert = l_est = math.inf
         else:
-            l_cert = _apply(outcome, outcome.factors, cert, node.inputs)
-            l_est = _apply(outcome, outcome.est_factors or outcome.factors, est, node.inputs)
+            m = (multipliers or {}).get(node.name, 1.0)
+            l_cert = m * _apply(outcome, outcome.factors, cert, node.inputs)
+            l_est = m * _apply(outcome, outcome.est_factors or outcome.factors, est, node.inputs)
         for out in node.outputs:
             if out:
                 cert[out], est[out] = l_cert, l_est
-        for row in [outcome.row] if outcome.row is not None else []:
-            row.bound = l_cert
-            if outcome.unbounded is not None:
-                row.note = outcome.unbounded
-            result.rows.append(row)
-        result.rows.extend(outcome.extra_rows)
-        if outcome.absorbs:
-            gone = set(outcome.absorbs)
-            result.rows = [r for r in result.rows if r.name not in gone]
-        if math.isnan(l_cert) and not any("not finite" in r for r in result.reasons):
-            result.reasons.append(f"{node.name}: weights with NaN or Inf make the bound not finite")
-    if progress is not None:
-        progress(total, total, "")
-    result.network = _network(graph, cert, est, result.reasons)
-    return result
+    return cert, est
+
+
+def network_bound(graph: Graph, steps: list[tuple[Node, Outcome]],
+                  multipliers: dict[str, float]) -> float:
+    """The certified network bound with some ops' constants rescaled (no rule re-run)."""
+    cert, _ = propagate(graph, steps, multipliers)
+    return _combine("l2", [cert.get(o, 0.0) for o in graph.outputs if o])
 
 
 def _network(graph: Graph, cert: dict[str, float], est: dict[str, float],

@@ -54,7 +54,8 @@ class Graph:
     # Values that do not depend on the network input's values (constants and shapes).
     static: set[str] = field(default_factory=set)
     shapes: dict[str, Dims] = field(default_factory=dict)
-    # For a constant: the initializer it was read from (through Identity/Cast/...).
+    # For a weight: the initializer or Constant-node output it was read from, through
+    # Identity/Cast/Transpose/Reshape (so scaling that source scales the weight).
     origin: dict[str, str] = field(default_factory=dict)
     producer: dict[str, Node] = field(default_factory=dict)
     consumers: dict[str, list[Node]] = field(default_factory=dict)
@@ -270,7 +271,10 @@ def _fold(graph: Graph, node: Node) -> None:
         if out:
             graph.consts[out] = val
             graph.shapes[out] = tuple(val.shape)
-    if node.op in ("Identity", "Cast", "Transpose", "DequantizeLinear", "Reshape") and data:
+    if node.op == "Constant":
+        graph.origin[node.outputs[0]] = node.outputs[0]
+    # Ops through which a weight keeps its identity: rescaling the source rescales the value.
+    if node.op in ("Identity", "Cast", "Transpose", "Reshape") and data:
         src = graph.origin.get(data[0])
         if src is not None:
             graph.origin[node.outputs[0]] = src
