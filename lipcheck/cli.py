@@ -16,7 +16,7 @@ import typer
 from typer._click import exceptions as click_exceptions
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_OK, LipcheckError, UsageError
+from .errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, LipcheckError, UsageError
 
 app = typer.Typer(
     name="lipcheck",
@@ -148,6 +148,64 @@ def inspect(
     text = to_json(report) if format is OutputFormat.json else to_csv(report)
     write_output(text, output, model)
     return EXIT_OK
+
+
+class Mode(str, enum.Enum):
+    bake = "bake"
+    parametrize = "parametrize"
+
+
+@app.command()
+def normalize(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the normalized model (same format as the input).", show_default=False)],
+    target: Annotated[float | None, typer.Option("--target", help="Spectral norm each selected layer gets (default 1.0; with --budget, at most this).")] = None,
+    clip: Annotated[bool, typer.Option("--clip", help="Only rescale layers above the target; the others stay bit-identical.")] = False,
+    budget: Annotated[float | None, typer.Option("--budget", help="Pick one per-layer target so the network bound is at most this.")] = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="bake: rescale the weights themselves.")] = Mode.bake,
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="Only layers whose name matches this glob (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip layers whose name matches this glob (repeatable).")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Allow the output to be the input file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the before/after comparison as JSON.")] = None,
+    input_shape: InputShapeOpt = None,
+    tol: TolOpt = 1e-6,
+    max_iters: MaxItersOpt = 1000,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.float32,
+    trust: TrustOpt = False,
+    progress: ProgressOpt = True,
+) -> int:
+    """Rewrite a model with spectrally normalized layers, then re-inspect it to prove it."""
+    shape = parse_shape(input_shape)
+    if mode is Mode.parametrize:
+        raise UsageError("--mode parametrize is not available yet; use --mode bake")
+    from .api import make_settings
+    from .normalize import normalize as run_normalize
+    from .render import make_console, normalize_summary, normalize_table, progress_bar
+
+    settings = make_settings(tol, max_iters, seed, device.value, dtype.value)
+    if report is not None:
+        check_report_path(report, model, output)
+    with progress_bar(progress and sys.stderr.isatty()) as callback:
+        result = run_normalize(model, output, target=target, clip=clip, budget=budget, layers=layers,
+                               exclude=exclude, in_place=in_place, force=force, input_shape=shape,
+                               settings=settings, trust=trust, progress=callback)  # type: ignore[arg-type]
+    console = make_console()
+    console.print(normalize_table(result))
+    console.print(normalize_summary(result), end="")
+    if report is not None:
+        import json
+
+        write_output(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n", report, model)
+    return EXIT_OK if result.ok else EXIT_GATE_FAILED
+
+
+def check_report_path(report: Path, *inputs: Path) -> None:
+    for other in inputs:
+        if report.resolve() == other.resolve():
+            raise UsageError(f"--report {report} would overwrite {other}")
 
 
 def run(argv: list[str] | None = None) -> int:

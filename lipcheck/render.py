@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -105,3 +106,35 @@ def progress_bar(enabled: bool) -> Iterator[object]:
             bar.update(task, completed=done, total=total, layer=name[:40])
 
         yield update
+
+
+def normalize_table(result: Any) -> Table:
+    """Before/after per layer for ``lipcheck normalize``."""
+    t = Table(title=f"lipcheck normalize: {result.before.model.path} -> {result.output}",
+              title_justify="left")
+    for col, right in (("layer", False), ("op", False), ("before (cert.)", True), ("target", True),
+                       ("scale", True), ("after sigma", True), ("after cert.", True), ("", False)):
+        t.add_column(col, justify="right" if right else "left", no_wrap=col != "layer")
+    for c in result.changes:
+        status = "ok" if c.ok else ("FAIL" if c.ok is False else (c.skipped or ""))
+        t.add_row(c.name, c.op, fmt(c.before), fmt(c.target), fmt(c.scale), fmt(c.after_sigma),
+                  fmt(c.after_upper), status)
+    return t
+
+
+def normalize_summary(result: Any) -> Text:
+    text = Text()
+    before, after = result.before.network, result.after.network if result.after else None
+    text.append("network bound (certified): ", style="bold")
+    text.append(f"{fmt(before.lipschitz_bound)} -> {fmt(after.lipschitz_bound if after else None)}")
+    if result.budget is not None:
+        text.append(f"   budget {fmt(result.budget)}")
+    text.append("\n")
+    if after is not None and not after.bounded:
+        text.append(f"no network bound: {after.reason}\n", style="yellow")
+    for failure in result.failures:
+        text.append(f"FAILED: {failure}\n", style="bold red")
+    if result.ok:
+        text.append(f"wrote {result.output}; re-inspection confirms every rescaled layer is at or "
+                    "below its target\n", style="green")
+    return text

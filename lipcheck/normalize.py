@@ -1,0 +1,387 @@
+"""Spectral normalization: rescale layers to a target norm, write the model back in its own
+format, then re-inspect the written file to prove the result.
+
+Which number is normalized: each layer's *certified* constant (``sigma_upper``: for a
+convolution, the operator norm at the model's input size), so after dividing by it the
+layer's true norm is at most the target. Dividing by ``sigma_matrix`` (what
+``torch.nn.utils.spectral_norm`` does) would not bound a convolution's norm.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import spectral
+from .api import Analysis, run_analysis
+from .errors import InputError, UsageError
+from .report import Report
+
+# Ops whose weight lipcheck rescales, and which input holds that weight.
+WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "BatchNormalization": 1, "Gemm": None, "MatMul": None}
+# The budget search aims this much below the budget, so re-measured certificates (which
+# may differ from the first run in their last digits) still land under it.
+BUDGET_MARGIN = 1e-3
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class LayerChange:
+    name: str
+    op: str
+    weight: str | None
+    before: float | None  # certified constant before
+    target: float | None
+    scale: float | None  # factor applied to the weight (None: untouched)
+    skipped: str | None = None
+    after_sigma: float | None = None
+    after_upper: float | None = None
+    ok: bool | None = None
+
+
+@dataclass
+class NormalizeResult:
+    before: Report
+    after: Report | None
+    changes: list[LayerChange]
+    output: str
+    budget: float | None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        from .report import _finite
+
+        return _finite({
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict() if self.after else None,
+            "output": self.output,
+            "budget": self.budget,
+            "layers": [asdict(c) for c in self.changes],
+            "ok": self.ok,
+            "failures": list(self.failures),
+        })
+
+
+def _selected(name: str, layers: list[str] | None, exclude: list[str] | None) -> bool:
+    if layers and not any(fnmatch.fnmatchcase(name, p) for p in layers):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def _graph_weights(analysis: Analysis) -> dict[str, tuple[str | None, str | None]]:
+    """Row name -> (weight source name, why it cannot be rewritten)."""
+    graph = analysis.graph
+    uses: dict[str, int] = {}
+    found: dict[str, tuple[str | None, str | None]] = {}
+    for node in graph.nodes:
+        if node.op not in WEIGHT_OPS:
+            continue
+        slot = WEIGHT_OPS[node.op]
+        if slot is None:  # Gemm / MatMul: the constant operand
+            consts = [k for k in (1, 0) if k < len(node.inputs) and node.inputs[k] in graph.static]
+            slot = consts[0] if consts else None
+        src = graph.origin.get(node.inputs[slot]) if slot is not None else None
+        if src is not None:
+            uses[src] = uses.get(src, 0) + 1
+        found[node.name] = (src, None if src else "its weight is computed in the graph, not stored")
+    for name, (src, _) in found.items():
+        if src is not None and uses[src] > 1:
+            found[name] = (src, f"its weight '{src}' is shared by {uses[src]} layers")
+    return found
+
+
+def _tensor_weights(analysis: Analysis) -> dict[str, tuple[str | None, str | None]]:
+    tensors = analysis.loaded.tensors or {}
+    out = {}
+    for row in analysis.report.layers:
+        key = f"{row.name}.weight" if f"{row.name}.weight" in tensors else row.name
+        out[row.name] = (key, None) if key in tensors else (None, "no tensor of that name")
+    return out
+
+
+def plan(analysis: Analysis, *, target: float | None, clip: bool, budget: float | None,
+         layers: list[str] | None = None, exclude: list[str] | None = None) -> list[LayerChange]:
+    """Per-layer scale factors. With a budget, every selected layer gets the same target t,
+    the largest for which the re-composed certified network bound stays within the budget
+    (times 1 - BUDGET_MARGIN); with --target as well, t is at most that target."""
+    report = analysis.report
+    weights = _graph_weights(analysis) if analysis.graph is not None else _tensor_weights(analysis)
+    changes: list[LayerChange] = []
+    for row in report.layers:
+        if row.name not in weights:
+            continue
+        key, why = weights[row.name]
+        change = LayerChange(row.name, row.op, key, row.lipschitz, None, None)
+        if not _selected(row.name, layers, exclude):
+            change.skipped = "not selected"
+        elif why:
+            change.skipped = why
+        elif row.lipschitz is None or not math.isfinite(row.lipschitz):
+            change.skipped = "weight has NaN or Inf"
+        elif row.lipschitz == 0.0:
+            change.skipped = "all-zero weight: nothing to normalize"
+        changes.append(change)
+    active = [c for c in changes if c.skipped is None]
+    if budget is not None:
+        if analysis.graph is None:
+            raise UsageError("--budget needs a network bound, and this model has no graph: "
+                             + analysis.report.network.reason)
+        level = _budget_level(analysis, active, budget * (1 - BUDGET_MARGIN), clip)
+        target = level if target is None else min(target, level)
+    if target is None:
+        target = 1.0
+    for c in active:
+        assert c.before is not None
+        c.target = target
+        if clip and c.before <= target:
+            c.skipped = "already at or below the target (--clip)"
+            continue
+        c.scale = target / c.before
+    return changes
+
+
+def _scales_at(active: list[LayerChange], t: float, clip: bool) -> dict[str, float]:
+    out = {}
+    for c in active:
+        assert c.before is not None
+        if not (clip and c.before <= t):
+            out[c.name] = t / c.before
+    return out
+
+
+def _budget_level(analysis: Analysis, active: list[LayerChange], budget: float, clip: bool) -> float:
+    from .bound import network_bound
+
+    graph, steps = analysis.graph, analysis.composition.steps
+
+    def bound_at(t: float) -> float:
+        return network_bound(graph, steps, _scales_at(active, t, clip))
+
+    if not active:
+        raise UsageError("--budget: no layer is selected for rescaling")
+    if not math.isfinite(bound_at(1.0)):
+        raise UsageError(f"--budget: the network bound is not finite ({analysis.report.network.reason})")
+    lo, hi = 1e-12, max(c.before or 0.0 for c in active) * 2
+    if bound_at(hi) <= budget:
+        return hi
+    if bound_at(lo) > budget:
+        raise UsageError(
+            f"--budget {budget:.6g} cannot be reached by rescaling the selected layers: paths "
+            f"that avoid them already give {bound_at(lo):.6g}"
+        )
+    for _ in range(200):  # bisection in log space down to ~1e-12 relative
+        mid = math.sqrt(lo * hi)
+        if bound_at(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1 + 1e-12:
+            break
+    return lo
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
+    return (t.detach().to(torch.float64) * s).to(t.dtype)
+
+
+def _rewrite_onnx(model: Any, scales: dict[str, float]) -> Any:
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    todo = dict(scales)
+    for i, init in enumerate(out.graph.initializer):
+        if init.name in todo:
+            arr = numpy_helper.to_array(init)
+            new = (arr.astype(np.float64) * todo.pop(init.name)).astype(arr.dtype)
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, init.name))
+    for node in out.graph.node:
+        if node.op_type == "Constant" and node.output[0] in todo:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    arr = numpy_helper.to_array(attr.t)
+                    new = (arr.astype(np.float64) * todo.pop(node.output[0])).astype(arr.dtype)
+                    attr.t.CopyFrom(numpy_helper.from_array(new, attr.t.name))
+    if todo:
+        raise InputError(f"weights not found in the ONNX model: {', '.join(sorted(todo))}")
+    return out
+
+
+def _scale_module(module: torch.nn.Module, scales: dict[str, float]) -> None:
+    state = module.state_dict(keep_vars=True)
+    missing = sorted(set(scales) - set(state))
+    if missing:
+        raise InputError(f"weights not found in the module: {', '.join(missing)}")
+    with torch.no_grad():
+        for key, s in scales.items():
+            state[key].copy_(_scaled(state[key], s))
+
+
+def _rewrite_checkpoint(obj: Any, scales: dict[str, float]) -> Any:
+    """Scale the named tensors inside a state_dict or checkpoint dict; every other entry
+    (optimizer state, epoch, config) is kept as it was."""
+    from .formats.torch_format import STATE_KEYS, _is_tensor_dict
+
+    def strip(key: str) -> str:
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                return key[len(prefix):]
+        return key
+
+    container = obj
+    if not _is_tensor_dict(obj):
+        for key in STATE_KEYS:
+            if _is_tensor_dict(obj.get(key)):
+                container = obj[key]
+                break
+    todo = dict(scales)
+    for key in list(container):
+        name = strip(str(key))
+        if name in todo and isinstance(container[key], torch.Tensor):
+            container[key] = _scaled(container[key], todo.pop(name))
+    if todo:
+        raise InputError(f"weights not found in the checkpoint: {', '.join(sorted(todo))}")
+    return obj
+
+
+def _atomic(output: Path, write: Callable[[Path], None]) -> None:
+    folder = output.parent if str(output.parent) else Path(".")
+    tmp = folder / f".{output.name}.lipcheck-tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, output)
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write(analysis: Analysis, source: Path, output: Path, scales: dict[str, float], trust: bool) -> None:
+    fmt = analysis.loaded.format
+    if fmt == "onnx":
+        import onnx
+
+        model = _rewrite_onnx(analysis.loaded.onnx_model, scales)
+        _atomic(output, lambda p: onnx.save_model(model, str(p)))
+        return
+    if fmt == "torchscript":
+        from .formats.torch_format import _jit_load
+
+        module = _jit_load(source)
+        _scale_module(module, scales)
+        _atomic(output, lambda p: torch.jit.save(module, str(p)))
+        return
+    if fmt in ("pickled-module", "checkpoint-module", "state_dict"):
+        from .formats.torch_format import _torch_load
+
+        obj = _torch_load(source, trust)
+        if isinstance(obj, torch.nn.Module):
+            _scale_module(obj, scales)
+        elif fmt == "checkpoint-module":
+            from .formats.torch_format import _find_module
+
+            module = _find_module(obj)
+            assert module is not None
+            _scale_module(module, scales)
+        else:
+            obj = _rewrite_checkpoint(obj, scales)
+        _atomic(output, lambda p: torch.save(obj, str(p)))
+        return
+    raise UsageError(f"normalize cannot write the {fmt} format yet (ONNX, TorchScript, torch.save "
+                     "checkpoints and pickled modules are supported)")
+
+
+def check_output_path(source: Path, output: Path, *, in_place: bool, force: bool) -> None:
+    same = output.exists() and source.exists() and os.path.samefile(source, output)
+    if same and not in_place:
+        raise UsageError(f"refusing to overwrite the input {source}; pass --in-place to do that")
+    if output.exists() and not same and not force:
+        raise UsageError(f"{output} exists; pass --force to replace it")
+    if output.is_dir():
+        raise UsageError(f"{output} is a directory")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
+
+
+def normalize(
+    source: str | Path,
+    output: str | Path,
+    *,
+    target: float | None = None,
+    clip: bool = False,
+    budget: float | None = None,
+    layers: list[str] | None = None,
+    exclude: list[str] | None = None,
+    in_place: bool = False,
+    force: bool = False,
+    input_shape: tuple[int, ...] | None = None,
+    settings: spectral.Settings | None = None,
+    trust: bool = False,
+    progress: ProgressFn | None = None,
+) -> NormalizeResult:
+    """Rescale the selected layers of ``source`` to ``target`` (or within ``budget``), write
+    the result to ``output`` in the same format, re-inspect it and report before/after."""
+    if target is not None and not (math.isfinite(target) and target > 0):
+        raise UsageError(f"--target must be a positive number, got {target}")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UsageError(f"--budget must be a positive number, got {budget}")
+    source, output = Path(source), Path(output)
+    settings = settings or spectral.Settings()
+    if not source.exists():
+        raise InputError(f"{source} does not exist")
+    check_output_path(source, output, in_place=in_place, force=force)
+    before = run_analysis(source, input_shape, settings, trust=trust, progress=progress)
+    changes = plan(before, target=target, clip=clip, budget=budget, layers=layers, exclude=exclude)
+    scales = {c.weight: c.scale for c in changes if c.scale is not None and c.weight}
+    if layers and not any(c.skipped != "not selected" for c in changes):
+        raise UsageError(f"--layers {' '.join(layers)} matches no layer (see `lipcheck inspect` for names)")
+    _write(before, source, output, scales, trust)
+    after = run_analysis(output, input_shape, settings, trust=trust, progress=progress)
+    result = NormalizeResult(before.report, after.report, changes, str(output), budget)
+    _verify(result, settings)
+    return result
+
+
+def _verify(result: NormalizeResult, settings: spectral.Settings) -> None:
+    """The proof: every rescaled layer re-measured at or below its target, and the network
+    bound within the budget."""
+    assert result.after is not None
+    after_rows = {r.name: r for r in result.after.layers}
+    for c in result.changes:
+        row = after_rows.get(c.name)
+        if row is None:
+            continue
+        c.after_sigma, c.after_upper = row.sigma, row.sigma_upper
+        if c.scale is None or c.target is None:
+            continue
+        # The estimate is a lower bound and must not exceed the target beyond the iteration
+        # tolerance; without an estimate (a conv with no input size) the certificate, re-run
+        # with its own stopping gap, must not either.
+        if row.sigma is not None:
+            value, slack = row.sigma, settings.tol
+        else:
+            value, slack = row.sigma_upper, 2 * spectral.GRAM_TARGET_GAP
+        c.ok = value is not None and value <= c.target * (1 + slack)
+        if not c.ok:
+            result.failures.append(f"layer {c.name}: sigma {value} is above its target {c.target:.6g}")
+    bound = result.after.network.lipschitz_bound
+    if result.budget is not None and (bound is None or bound > result.budget):
+        result.failures.append(f"network bound {bound} is above the budget {result.budget:.6g}")
