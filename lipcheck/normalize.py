@@ -10,8 +10,10 @@ layer's true norm is at most the target. Dividing by ``sigma_matrix`` (what
 from __future__ import annotations
 
 import fnmatch
+import io
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -260,11 +262,16 @@ def _rewrite_checkpoint(obj: Any, scales: dict[str, float]) -> Any:
     return obj
 
 
-def _atomic(output: Path, write: Callable[[Path], None]) -> None:
+def _atomic(output: Path, write: Callable[[io.BytesIO], None]) -> None:
+    """Serialise in memory (torch names a zip's root after the file, so writing to a temp
+    name would change the bytes), then a sibling temp file and os.replace."""
+    buffer = io.BytesIO()
+    write(buffer)
     folder = output.parent if str(output.parent) else Path(".")
     tmp = folder / f".{output.name}.lipcheck-tmp-{os.getpid()}"
     try:
-        write(tmp)
+        with tmp.open("wb") as fh:
+            fh.write(buffer.getvalue())
         os.replace(tmp, output)
     except OSError as exc:
         raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
@@ -276,17 +283,15 @@ def _atomic(output: Path, write: Callable[[Path], None]) -> None:
 def _write(analysis: Analysis, source: Path, output: Path, scales: dict[str, float], trust: bool) -> None:
     fmt = analysis.loaded.format
     if fmt == "onnx":
-        import onnx
-
         model = _rewrite_onnx(analysis.loaded.onnx_model, scales)
-        _atomic(output, lambda p: onnx.save_model(model, str(p)))
+        _atomic(output, lambda buf: buf.write(model.SerializeToString()))
         return
     if fmt == "torchscript":
         from .formats.torch_format import _jit_load
 
         module = _jit_load(source)
         _scale_module(module, scales)
-        _atomic(output, lambda p: torch.jit.save(module, str(p)))
+        _atomic(output, lambda buf: torch.jit.save(module, buf))
         return
     if fmt in ("pickled-module", "checkpoint-module", "state_dict"):
         from .formats.torch_format import _torch_load
@@ -302,7 +307,7 @@ def _write(analysis: Analysis, source: Path, output: Path, scales: dict[str, flo
             _scale_module(module, scales)
         else:
             obj = _rewrite_checkpoint(obj, scales)
-        _atomic(output, lambda p: torch.save(obj, str(p)))
+        _atomic(output, lambda buf: torch.save(obj, buf))
         return
     raise UsageError(f"normalize cannot write the {fmt} format yet (ONNX, TorchScript, torch.save "
                      "checkpoints and pickled modules are supported)")
@@ -353,7 +358,9 @@ def normalize(
     scales = {c.weight: c.scale for c in changes if c.scale is not None and c.weight}
     if layers and not any(c.skipped != "not selected" for c in changes):
         raise UsageError(f"--layers {' '.join(layers)} matches no layer (see `lipcheck inspect` for names)")
-    _write(before, source, output, scales, trust)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice is not ours to show
+        _write(before, source, output, scales, trust)
     after = run_analysis(output, input_shape, settings, trust=trust, progress=progress)
     result = NormalizeResult(before.report, after.report, changes, str(output), budget)
     _verify(result, settings)
