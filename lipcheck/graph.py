@@ -225,7 +225,7 @@ def _refine_shapes(graph: Graph, model: onnx.ModelProto) -> bool:
     except Exception:  # noqa: BLE001 - best effort, as in the first pass
         return False
     learned = False
-    for vi in inferred.graph.value_info:
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         dims = _dims_of(vi)
         if dims is not None and None not in dims and graph.known_shape(vi.name) is None:
             graph.shapes[vi.name] = dims

@@ -84,6 +84,25 @@ def make_reflect_net(seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
     return model.eval(), (1, 2, 7, 7)
 
 
+class ReflectResBlock(nn.Module):
+    """CycleGAN-style residual block: x + conv(relu(conv(x))), both convs reflect-padded;
+    the residual Add is the graph output."""
+
+    def __init__(self, ch: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1, padding_mode="reflect")
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1, padding_mode="reflect")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.relu(self.conv1(x)))
+
+
+def make_reflect_resblock(seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    lt.seeded(seed)
+    return ReflectResBlock().eval(), (1, 3, 6, 6)
+
+
 BOUNDED_BUILDERS = {
     "mlp": lt.make_mlp,
     "cnn": lt.make_cnn,
@@ -93,8 +112,9 @@ BOUNDED_BUILDERS = {
     "activation_net": lt.make_activation_net,
     "strided_net": make_strided_net,
     "reflect_net": make_reflect_net,
+    "reflect_resblock": make_reflect_resblock,
 }
-CHAINS = ["mlp", "cnn", "activation_net"]
+CHAINS = ["mlp", "cnn", "activation_net", "strided_net", "reflect_net"]
 UNBOUNDED = ["attention", "lstm", "gru"]
 
 
@@ -246,12 +266,13 @@ def test_single_conv_bound_dominates_jacobian(name: str) -> None:
     max_jac = _max_jacobian_norm(module, shape)
     _assert_sound(rep, max_jac)
     # A single linear layer: the Jacobian is the operator itself, so max_jac is its exact
-    # norm. When the export is one Conv node (torch's circular padding becomes
-    # Slice/Concat + a valid conv on the bigger input, whose row is another operator), its
-    # power-iteration sigma (a lower bound) must stay below that norm and its certificate
-    # above it.
-    if len(rep.layers) == 1 and rep.layers[0].kind == "conv":
-        row = rep.layers[0]
+    # norm. When the conv row alone carries the network bound (its operator is the whole
+    # layer, padding included), its power-iteration sigma (a lower bound) must stay below
+    # that norm and its certificate above it.
+    conv_rows = [r for r in rep.layers if r.kind == "conv"]
+    assert len(conv_rows) == 1
+    row = conv_rows[0]
+    if row.bound == pytest.approx(rep.network.lipschitz_bound, rel=1e-12) and row.lipschitz == row.bound:
         assert row.sigma is not None and row.sigma <= max_jac * (1 + 1e-4), (row.name, row.sigma, max_jac)
         assert row.sigma_upper is not None and row.sigma_upper >= max_jac * (1 - SOUND_RTOL)
 

@@ -154,6 +154,7 @@ class Selection:
     source_shape: tuple[int, ...]
     index: torch.Tensor
     multiplicity: int
+    nodes: list[Node]
 
 
 def _selection_into(ctx: Context, value: str) -> Selection | None:
@@ -191,7 +192,8 @@ def _selection_into(ctx: Context, value: str) -> Selection | None:
         return None  # not a pure copy of x's entries
     index = torch.from_numpy(lin - 1)
     copies = torch.bincount(index[index >= 0].reshape(-1), minlength=1)
-    return Selection(source, src_shape, index, int(copies.max()) if copies.numel() else 0)
+    return Selection(source, src_shape, index, int(copies.max()) if copies.numel() else 0,
+                     sorted(nodes.values(), key=lambda n: n.index))
 
 
 def _run_selection(g, nodes, source, src_shape, value, statics):  # type: ignore[no-untyped-def]
@@ -271,6 +273,8 @@ def conv(ctx: Context, node: Node, data: list[int]) -> Outcome:
     row = LayerRow(name=node.name, op=node.op, kind="conv",
                    input_shape=_shape_list(ctx, in_value), sigma_matrix=sm.sigma)
     sources = {0: sel.source} if sel else {}
+    # The padding ops are part of this conv's row when nothing else reads them.
+    absorbs = [n.name for n in _private(ctx, sel.nodes, node)] if sel else []
     if sel:
         row.note = f"includes the padding/selection before it (copies <= {sel.multiplicity})"
     if not bool(torch.isfinite(weight).all()):
@@ -308,7 +312,14 @@ def conv(ctx: Context, node: Node, data: list[int]) -> Outcome:
     row.sigma, row.iterations, row.converged = sigma, est.iterations, est.converged
     row.sigma_upper = row.lipschitz = cert.value
     row.upper_method = cert.method
-    return Outcome(factors={0: cert.value}, est_factors={0: sigma}, row=row, sources=sources)
+    return Outcome(factors={0: cert.value}, est_factors={0: sigma}, row=row, sources=sources,
+                   absorbs=absorbs)
+
+
+def _private(ctx: Context, nodes: list[Node], conv: Node) -> list[Node]:
+    inside = {n.index for n in nodes} | {conv.index}
+    return [n for n in nodes
+            if all(c.index in inside for out in n.outputs for c in ctx.graph.consumers.get(out, []))]
 
 
 def _through_selection(sel: Selection, fn: spectral.LinearMap, ctx: Context) -> spectral.LinearMap:
