@@ -8,6 +8,7 @@ static shape of each value where ONNX shape inference or the user supplied one.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -320,21 +321,41 @@ WEIGHT_SLOT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "BatchNormalization": 1
                "GRU": 1, "RNN": 1, "PRelu": 1}
 
 
+def _scope_name(node: Node) -> str:
+    """torch's exporter names nodes '/<module path>/<Op>[_n]': the module path, dotted,
+    is the name a torch user knows ('/layer1/0/relu/Relu' -> 'layer1.0.relu')."""
+    parts = [p for p in node.name.split("/") if p]
+    if len(parts) > 1 and node.name.startswith("/") and re.fullmatch(rf"{node.op}(_\d+)?", parts[-1]):
+        return ".".join(parts[:-1])
+    return node.name.lstrip("/")
+
+
 def _name_layers(graph: Graph, used: Counter[str]) -> None:
-    """Readable, unique names: the weight's initializer name without '.weight' when
-    there is one (so rows match state_dict keys), else the node name."""
+    """Readable, unique names. First the ops with a stored weight take the weight's name
+    without '.weight' (so rows match state_dict keys); then the other ops on the data path
+    take their module scope ('3' for a block's residual Add), or scope.Op when that is
+    taken; constant and shape computations keep their node names."""
+    names: dict[int, str] = {}
     for node in graph.nodes:
-        name = ""
         slots = [WEIGHT_SLOT[node.op]] if node.op in WEIGHT_SLOT else []
-        if node.op in ("MatMul", "Mul", "Gemm"):
+        if node.op in ("MatMul", "Gemm"):
             slots = [1, 0]
         for slot in slots:
-            if slot < len(node.inputs):
-                src = graph.origin.get(node.inputs[slot])
-                if src:
-                    name = src[: -len(".weight")] if src.endswith(".weight") else src
-                    break
-        if not name:
-            name = node.name.lstrip("/") or f"{node.op}_{node.index}"
+            src = graph.origin.get(node.inputs[slot]) if slot < len(node.inputs) else None
+            if src:
+                names[node.index] = src[: -len(".weight")] if src.endswith(".weight") else src
+                break
+    taken = set(names.values())
+    for node in graph.nodes:
+        if node.index in names:
+            continue
+        on_path = any(o not in graph.static for o in node.outputs if o)
+        name = (_scope_name(node) if on_path else node.name) or f"{node.op}_{node.index}"
+        if on_path and name in taken and name != node.name:
+            name = f"{name}.{node.op}"
+        names[node.index] = name
+        taken.add(name)
+    for node in graph.nodes:
+        name = names[node.index]
         used[name] += 1
         node.name = name if used[name] == 1 else f"{name}#{used[name]}"
