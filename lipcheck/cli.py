@@ -162,7 +162,7 @@ def normalize(
     target: Annotated[float | None, typer.Option("--target", help="Spectral norm each selected layer gets (default 1.0; with --budget, at most this).")] = None,
     clip: Annotated[bool, typer.Option("--clip", help="Only rescale layers above the target; the others stay bit-identical.")] = False,
     budget: Annotated[float | None, typer.Option("--budget", help="Pick one per-layer target so the network bound is at most this.")] = None,
-    mode: Annotated[Mode, typer.Option("--mode", help="bake: rescale the weights themselves.")] = Mode.bake,
+    mode: Annotated[Mode, typer.Option("--mode", help="bake: rescale the weights themselves. parametrize: register torch spectral_norm (plus a fixed lipcheck Scale) on each layer and save a pickled nn.Module.")] = Mode.bake,
     layers: Annotated[list[str] | None, typer.Option("--layers", help="Only layers whose name matches this glob (repeatable).")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip layers whose name matches this glob (repeatable).")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow the output to be the input file.")] = False,
@@ -179,8 +179,6 @@ def normalize(
 ) -> int:
     """Rewrite a model with spectrally normalized layers, then re-inspect it to prove it."""
     shape = parse_shape(input_shape)
-    if mode is Mode.parametrize:
-        raise UsageError("--mode parametrize is not available yet; use --mode bake")
     from .api import make_settings
     from .normalize import normalize as run_normalize
     from .render import make_console, normalize_summary, normalize_table, progress_bar
@@ -191,7 +189,8 @@ def normalize(
     with progress_bar(progress and sys.stderr.isatty()) as callback:
         result = run_normalize(model, output, target=target, clip=clip, budget=budget, layers=layers,
                                exclude=exclude, in_place=in_place, force=force, input_shape=shape,
-                               settings=settings, trust=trust, progress=callback)  # type: ignore[arg-type]
+                               settings=settings, trust=trust, mode=mode.value,
+                               progress=callback)  # type: ignore[arg-type]
     console = make_console()
     console.print(normalize_table(result))
     console.print(normalize_summary(result), end="")

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import spectral
-from .api import Analysis, run_analysis
+from .api import Analysis, run_analysis, sha256_of
 from .errors import InputError, UsageError
 from .report import Report
 
@@ -47,6 +48,7 @@ class LayerChange:
     after_sigma: float | None = None
     after_upper: float | None = None
     ok: bool | None = None
+    after_name: str | None = None  # the layer's name in the output, when it differs
 
 
 @dataclass
@@ -280,6 +282,83 @@ def _atomic(output: Path, write: Callable[[io.BytesIO], None]) -> None:
             tmp.unlink()
 
 
+def _source_module(analysis: Analysis, source: Path, trust: bool) -> nn.Module:
+    """A fresh nn.Module of the input: the trusted pickle, or onnx2torch's conversion."""
+    fmt = analysis.loaded.format
+    if fmt == "onnx":
+        import onnx2torch
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return onnx2torch.convert(analysis.loaded.onnx_model)
+        except Exception as exc:  # noqa: BLE001 - onnx2torch fails on If, GRU, custom ops, ...
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise InputError(f"onnx2torch cannot convert this model ({type(exc).__name__}: {first}); "
+                             "use --mode bake") from None
+    if fmt in ("pickled-module", "checkpoint-module"):
+        from .formats.torch_format import _find_module, _torch_load
+
+        obj = _torch_load(source, trust)
+        module = obj if isinstance(obj, nn.Module) else _find_module(obj)
+        assert module is not None
+        return module
+    raise UsageError(f"--mode parametrize needs an nn.Module (a pickled module with --trust, or an ONNX "
+                     f"model onnx2torch converts); a {fmt} input has none: use --mode bake")
+
+
+def _module_paths(analysis: Analysis, module: nn.Module, changes: list[LayerChange]) -> dict[str, str]:
+    """Row name -> submodule path. A torch model's rows are named after its modules; for an
+    ONNX model, onnx2torch names each module after its node."""
+    if analysis.loaded.format == "onnx":
+        nodes = {n.name: n.onnx_name.lstrip("/") for n in analysis.graph.nodes}
+        candidates = {c.name: nodes.get(c.name, "") for c in changes}
+    else:
+        candidates = {c.name: c.weight[: -len(".weight")] for c in changes
+                      if c.weight and c.weight.endswith(".weight")}
+    paths = {}
+    for name, path in candidates.items():
+        try:
+            module.get_submodule(path)
+        except AttributeError:
+            continue
+        if path:
+            paths[name] = path
+    return paths
+
+
+def _write_parametrized(analysis: Analysis, source: Path, output: Path, changes: list[LayerChange],
+                        trust: bool, seed: int) -> Callable[[], nn.Module]:
+    """Write the parametrized model's state_dict (torch pickles parametrized modules no other
+    way) with the layer list; return how to rebuild the model from the written file."""
+    from . import parametrize
+
+    module = _source_module(analysis, source, trust)
+    paths = _module_paths(analysis, module, changes)
+    for c in changes:
+        if c.scale is not None and c.name not in paths:
+            c.scale, c.skipped = None, "no matching module to parametrize"
+        elif c.scale is not None and analysis.loaded.format == "onnx":
+            c.after_name = paths[c.name]  # onnx2torch's module name becomes the weight's name
+    layers = _parametrize(module, changes, paths, seed)
+    payload = {"format": parametrize.FORMAT, "layers": layers, "state_dict": module.state_dict()}
+    _atomic(output, lambda buf: torch.save(payload, buf))
+
+    def rebuild() -> nn.Module:
+        """The written file loaded into a fresh copy of the model, its parametrized weights
+        then fixed as plain tensors: exactly what the model computes in eval mode (and what
+        the ONNX exporter, which lacks spectral_norm's vdot, can trace)."""
+        from torch.nn.utils import parametrize as P
+
+        rebuilt = parametrize.load(_source_module(analysis, source, trust), str(output))
+        for sub in rebuilt.modules():
+            if P.is_parametrized(sub, "weight"):
+                P.remove_parametrizations(sub, "weight", leave_parametrized=True)
+        return rebuilt
+
+    return rebuild
+
+
 def _write(analysis: Analysis, source: Path, output: Path, scales: dict[str, float], trust: bool) -> None:
     fmt = analysis.loaded.format
     if fmt == "onnx":
@@ -313,6 +392,46 @@ def _write(analysis: Analysis, source: Path, output: Path, scales: dict[str, flo
                      "checkpoints and pickled modules are supported)")
 
 
+PARAMETRIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d)
+
+
+def _parametrize(module: nn.Module, changes: list[LayerChange], modules: dict[str, str],
+                 seed: int) -> dict[str, float]:
+    """Register torch's spectral_norm on each rescaled Linear/Conv, then a constant Scale so
+    that, at the current weights, the layer's operator norm is its target. BatchNorm (which
+    has no torch parametrization) and weights that are not a module's ``weight`` are baked."""
+    from torch.nn.utils import parametrize as P
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from .parametrize import Scale
+
+    torch.manual_seed(seed)  # spectral_norm draws its u, v vectors at random
+    baked: dict[str, float] = {}
+    layers: dict[str, float] = {}
+    for c in changes:
+        if c.scale is None or c.weight is None:
+            continue
+        path = modules.get(c.name, "")
+        sub = module.get_submodule(path) if path or c.name in modules else None
+        if isinstance(sub, PARAMETRIZABLE) and not P.is_parametrized(sub, "weight"):
+            original = sub.weight.detach().clone()
+            spectral_norm(sub)
+            sub.eval()
+            with torch.no_grad():
+                current = sub.weight  # original / sigma_matrix estimate (eval: u, v frozen)
+                ratio = float(torch.linalg.vector_norm(original.double()) /
+                              torch.linalg.vector_norm(current.double()))
+            P.register_parametrization(sub, "weight", Scale(c.scale * ratio))
+            layers[path] = c.scale * ratio
+        else:
+            key = f"{path}.weight" if path else c.weight
+            baked[key] = c.scale
+    if baked:
+        _scale_module(module, baked)
+    return layers
+
+
 def check_output_path(source: Path, output: Path, *, in_place: bool, force: bool) -> None:
     same = output.exists() and source.exists() and os.path.samefile(source, output)
     if same and not in_place:
@@ -340,6 +459,7 @@ def normalize(
     input_shape: tuple[int, ...] | None = None,
     settings: spectral.Settings | None = None,
     trust: bool = False,
+    mode: str = "bake",
     progress: ProgressFn | None = None,
 ) -> NormalizeResult:
     """Rescale the selected layers of ``source`` to ``target`` (or within ``budget``), write
@@ -350,6 +470,8 @@ def normalize(
         raise UsageError(f"--budget must be a positive number, got {budget}")
     source, output = Path(source), Path(output)
     settings = settings or spectral.Settings()
+    if mode not in ("bake", "parametrize"):
+        raise UsageError(f"--mode must be bake or parametrize, got {mode}")
     if not source.exists():
         raise InputError(f"{source} does not exist")
     check_output_path(source, output, in_place=in_place, force=force)
@@ -360,8 +482,18 @@ def normalize(
         raise UsageError(f"--layers {' '.join(layers)} matches no layer (see `lipcheck inspect` for names)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice is not ours to show
-        _write(before, source, output, scales, trust)
-    after = run_analysis(output, input_shape, settings, trust=trust, progress=progress)
+        if mode == "parametrize":
+            rebuild = _write_parametrized(before, source, output, changes, trust, settings.seed)
+        else:
+            _write(before, source, output, scales, trust)
+    if mode == "parametrize":
+        # The proof loads the written file into a fresh copy of the architecture.
+        shape = input_shape or tuple(int(d) for d in before.report.model.input_shape or ())
+        after = run_analysis(rebuild(), shape or None, settings, progress=progress)
+        after.report.model.path, after.report.model.format = str(output), "lipcheck-parametrized"
+        after.report.model.sha256 = sha256_of(output)
+    else:
+        after = run_analysis(output, input_shape, settings, trust=trust, progress=progress)
     result = NormalizeResult(before.report, after.report, changes, str(output), budget)
     _verify(result, settings)
     return result
@@ -373,8 +505,11 @@ def _verify(result: NormalizeResult, settings: spectral.Settings) -> None:
     assert result.after is not None
     after_rows = {r.name: r for r in result.after.layers}
     for c in result.changes:
-        row = after_rows.get(c.name)
+        row = after_rows.get(c.after_name or c.name)
         if row is None:
+            if c.scale is not None:
+                c.ok = False
+                result.failures.append(f"layer {c.name} was rescaled but is not found on re-inspection")
             continue
         c.after_sigma, c.after_upper = row.sigma, row.sigma_upper
         if c.scale is None or c.target is None:

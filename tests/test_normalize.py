@@ -230,3 +230,46 @@ def test_unreachable_budget_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 2 and "cannot be reached" in err and not out.exists()
     code, _, err = lipcheck(["normalize", SAMPLES / "mlp.state_dict.pt", "-o", out, "--budget", "1"], capsys)
     assert code == 2 and "no graph" in err and not out.exists()
+
+
+def test_parametrize_onnx_to_pt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx2torch
+
+    import lipcheck.parametrize as lp
+
+    out = tmp_path / "cnn.param.pt"
+    doc = normalize_json([SAMPLES / "cnn.onnx", "-o", out, "--mode", "parametrize"], tmp_path, capsys)
+    assert doc["ok"] and doc["after"]["network"]["lipschitz_bound"] <= 1 + 1e-3
+    assert all(c["ok"] for c in doc["layers"] if c["scale"] is not None)
+    model = lp.load(onnx2torch.convert(onnx.load(SAMPLES / "cnn.onnx")), str(out))
+    from torch.nn.utils import parametrize
+
+    assert parametrize.is_parametrized(model.get_submodule("0/Conv"), "weight")
+    x = torch.randn(1, 3, 16, 16)
+    y = ort.InferenceSession(str(SAMPLES / "cnn.onnx")).run(None, {"input": x.numpy()})[0]
+    assert model(x).shape == y.shape
+    # training continues: spectral_norm keeps the layer normalized as weights move
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.randn(4, 3, 16, 16)).square().sum().backward()
+    optimizer.step()
+
+
+def test_parametrize_pickled_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import lipcheck.parametrize as lp
+
+    out = tmp_path / "mlp.param.pt"
+    doc = normalize_json([SAMPLES / "mlp.pickle.pt", "-o", out, "--mode", "parametrize", "--trust",
+                          "--input-shape", "1,16", "--target", "2"], tmp_path, capsys)
+    assert doc["ok"]
+    model = lp.load(make_mlp()[0], str(out))
+    for index in (0, 2, 4):
+        w = model[index].weight.detach().double()
+        assert float(torch.linalg.matrix_norm(w, 2)) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_parametrize_refuses_formats_without_modules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "x.pt"
+    code, _, err = lipcheck(["normalize", SAMPLES / "mlp.state_dict.pt", "-o", out, "--mode", "parametrize"],
+                            capsys)
+    assert code == 2 and "--mode bake" in err and not out.exists()
