@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "analyze", "Report"]
+__all__ = ["__version__", "analyze", "normalize", "Report"]
 
 if TYPE_CHECKING:
-    from .api import analyze
+    from .api import analyze, normalize
     from .report import Report
 
 
@@ -21,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from .api import analyze
 
         return analyze
+    if name == "normalize":
+        from .api import normalize
+
+        return normalize
     if name == "Report":
         from .report import Report
 

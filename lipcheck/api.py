@@ -71,6 +71,39 @@ def analyze(
     return run_analysis(source, input_shape, settings, trust=trust, progress=progress).report
 
 
+def normalize(
+    source: str | Path,
+    output: str | Path,
+    *,
+    target: float | None = None,
+    clip: bool = False,
+    budget: float | None = None,
+    layers: list[str] | None = None,
+    exclude: list[str] | None = None,
+    mode: str = "bake",
+    in_place: bool = False,
+    force: bool = False,
+    input_shape: tuple[int, ...] | None = None,
+    tol: float = 1e-6,
+    max_iters: int = 1000,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    trust: bool = False,
+) -> Any:
+    """Write a spectrally normalized copy of ``source`` to ``output`` and re-inspect it.
+
+    Returns a ``NormalizeResult`` (``.ok``, ``.failures``, ``.to_dict()``: exactly the
+    ``--report`` JSON). See ``lipcheck normalize --help`` for the options.
+    """
+    from .normalization import normalize as run_normalize
+
+    settings = make_settings(tol, max_iters, seed, device, dtype)
+    return run_normalize(source, output, target=target, clip=clip, budget=budget, layers=layers,
+                         exclude=exclude, in_place=in_place, force=force, input_shape=input_shape,
+                         settings=settings, trust=trust, mode=mode)
+
+
 @dataclass
 class Analysis:
     """A report with what produced it: the loaded model and, for a graph, the graph and
@@ -137,11 +170,29 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
 PASSIVE_LEAVES = {"bias", "running_mean", "num_batches_tracked"}
 
 
+def _float_weight(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """The tensor as float64 values, or None and why it cannot be analysed. float16 and
+    bfloat16 widen exactly; quantized tensors are dequantized with their own scale."""
+    if t.device.type == "meta":
+        return None, "meta tensor: it has a shape but no values"
+    if t.is_quantized:
+        return t.dequantize().to(torch.float64), "dequantized"
+    if t.layout != torch.strided:
+        return None, f"{str(t.layout).replace('torch.', '')} tensor: only dense weights are analysed"
+    if t.is_complex():
+        return None, f"{t.dtype} tensor: complex weights are not analysed"
+    if not t.is_floating_point():
+        return None, (f"{t.dtype} tensor: not a float weight (integer weights carry no scale "
+                      "to dequantize them with)")
+    return t.detach().to(torch.float64), ""
+
+
 def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, notes: list[str],
                 progress: ProgressFn | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
     """Per-tensor numbers for weights without a graph: 2-D = a linear layer, 3-5-D = a
     conv kernel (reshaped norm and a size-independent certified bound), BatchNorm from
-    its weight and running_var."""
+    its weight and running_var. Every other tensor is either passive (biases, BatchNorm
+    statistics: counted in a note) or listed under skipped with the reason."""
     rows: list[LayerRow] = []
     skipped: list[SkippedOp] = []
     passive = 0  # biases and BatchNorm statistics: no effect on a Lipschitz constant
@@ -152,16 +203,21 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
         t = tensors[key]
         layer, _, leaf = key.rpartition(".")
         layer = layer or key
-        bn_stat = leaf == "running_var" and f"{layer}.weight" in tensors
+        bn_weight = tensors.get(f"{layer}.weight")
+        bn_stat = (leaf == "running_var" and isinstance(bn_weight, torch.Tensor)
+                   and bn_weight.ndim == 1 and bn_weight.shape == t.shape)
         if leaf in PASSIVE_LEAVES or leaf.startswith("bias_") or bn_stat:
             passive += 1
             continue
-        if not t.is_floating_point():
-            skipped.append(SkippedOp(key, "tensor", f"{t.dtype} tensor: not a float weight"))
+        w, how = _float_weight(t)
+        if w is None:
+            skipped.append(SkippedOp(key, "tensor", how))
             continue
-        w = t.detach().to(torch.float64)
-        if leaf == "weight" and t.ndim == 1 and f"{layer}.running_var" in tensors:
-            var = tensors[f"{layer}.running_var"].to(torch.float64)
+        var_t = tensors.get(f"{layer}.running_var")
+        if leaf == "weight" and t.ndim == 1 and isinstance(var_t, torch.Tensor) and var_t.shape == t.shape:
+            var, _ = _float_weight(var_t)
+            if var is None:
+                var = torch.full_like(w, math.nan)
             value = float((w.abs() / torch.sqrt(var + 1e-5)).max()) if w.numel() else 0.0
             rows.append(LayerRow(name=layer, op="BatchNorm", kind="diagonal", sigma=value,
                                  sigma_upper=value, upper_method="exact (eps=1e-5)",
@@ -185,6 +241,10 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
             ))
         else:
             skipped.append(SkippedOp(key, "tensor", f"{t.ndim}-D tensor: not a layer weight lipcheck knows"))
+            continue
+        if how:
+            rows[-1].note = f"{how} ({t.dtype}); " + (rows[-1].note or "")
+            rows[-1].note = rows[-1].note.rstrip("; ")
     if progress is not None:
         progress(len(names), len(names), "")
     if passive:

@@ -32,6 +32,8 @@ class OutputFormat(str, enum.Enum):
     table = "table"
     json = "json"
     csv = "csv"
+    markdown = "markdown"
+    junit = "junit"
 
 
 class Device(str, enum.Enum):
@@ -47,6 +49,7 @@ class DType(str, enum.Enum):
 
 # Options shared by every command that analyses a model, declared once.
 ModelArg = Annotated[Path, typer.Argument(help="Model file: .onnx, TorchScript, torch.save checkpoint or state_dict, .pt2.", show_default=False)]
+ModelsArg = Annotated[list[Path], typer.Argument(help="Model files: .onnx, TorchScript, torch.save checkpoints or state_dicts, .pt2.", show_default=False)]
 InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Input size, batch first, e.g. 1,3,224,224. Needed for TorchScript and pickled modules; overrides an ONNX model's own.")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]
@@ -85,14 +88,15 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return dims
 
 
-def write_output(text: str, output: Path | None, model: Path) -> None:
+def write_output(text: str, output: Path | None, model: Path | list[Path]) -> None:
     """stdout, or an atomic write: a sibling temp file, then os.replace."""
     if output is None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    if output.exists() and model.exists() and os.path.samefile(output, model):
-        raise UsageError(f"refusing to write the report over the model file {output}")
+    for m in model if isinstance(model, list) else [model]:
+        if output.exists() and m.exists() and os.path.samefile(output, m):
+            raise UsageError(f"refusing to write the report over the model file {output}")
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"cannot write {output}: folder {folder} does not exist")
@@ -108,9 +112,41 @@ def write_output(text: str, output: Path | None, model: Path) -> None:
             tmp.unlink()
 
 
+def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_iters: int, seed: int,
+                 device: Device, dtype: DType, trust: bool, progress: bool) -> list[dict]:
+    shape = parse_shape(input_shape)
+    from .api import make_settings, run_analysis
+    from .render import progress_bar
+
+    settings = make_settings(tol, max_iters, seed, device.value, dtype.value)
+    docs = []
+    for model in models:
+        with progress_bar(progress and sys.stderr.isatty()) as callback:
+            analysis = run_analysis(model, shape, settings, trust=trust, progress=callback)  # type: ignore[arg-type]
+        docs.append(analysis.report.to_dict())
+    return docs
+
+
+def _emit(text: str | None, table: object, output: Path | None, models: list[Path]) -> None:
+    """Machine text to stdout or -o FILE; a rich renderable through the console."""
+    if text is not None:
+        write_output(text, output, models)
+        return
+    import io
+
+    from .render import make_console
+
+    if output is None:
+        make_console().print(table)
+    else:
+        buffer = io.StringIO()
+        make_console(buffer).print(table)
+        write_output(buffer.getvalue(), output, models)
+
+
 @app.command()
 def inspect(
-    model: ModelArg,
+    models: ModelsArg,
     input_shape: InputShapeOpt = None,
     format: FormatOpt = OutputFormat.table,
     output: OutputOpt = None,
@@ -123,30 +159,144 @@ def inspect(
     progress: ProgressOpt = True,
 ) -> int:
     """Per-layer spectral norms and the network's Lipschitz bound."""
-    shape = parse_shape(input_shape)
-    from .api import analyze
-    from .render import progress_bar
+    from . import writers
 
-    with progress_bar(progress and sys.stderr.isatty()) as callback:
-        report = analyze(model, shape, tol=tol, max_iters=max_iters, seed=seed,
-                         device=device.value, dtype=dtype.value, trust=trust,
-                         progress=callback)  # type: ignore[arg-type]
+    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, trust, progress)
     if format is OutputFormat.table:
-        import io
+        from rich.console import Group
 
-        from .render import make_console, print_report
+        from .render import report_renderables
 
-        if output is None:
-            print_report(report, make_console())
-        else:
-            buffer = io.StringIO()
-            print_report(report, make_console(buffer))
-            write_output(buffer.getvalue(), output, model)
+        _emit(None, Group(*[r for doc in docs for r in report_renderables(doc)]), output, models)
         return EXIT_OK
-    from .report import to_csv, to_json
+    text = {
+        OutputFormat.json: lambda: writers.dumps(writers.bundle(docs)),
+        OutputFormat.csv: lambda: writers.inspect_csv(docs),
+        OutputFormat.markdown: lambda: writers.inspect_markdown(docs),
+        OutputFormat.junit: lambda: writers.inspect_junit(docs),
+    }[format]()
+    _emit(text, None, output, models)
+    return EXIT_OK
 
-    text = to_json(report) if format is OutputFormat.json else to_csv(report)
-    write_output(text, output, model)
+
+@app.command()
+def check(
+    models: ModelsArg,
+    max_lipschitz: Annotated[float | None, typer.Option("--max-lipschitz", help="Fail when the network bound is above this (or there is none).")] = None,
+    max_layer_sigma: Annotated[float | None, typer.Option("--max-layer-sigma", help="Fail when any layer's sigma is above this.")] = None,
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="An earlier `inspect --format json` report to compare against.")] = None,
+    max_increase: Annotated[str, typer.Option("--max-increase", help="With --baseline: allowed growth of the bound and of each layer, e.g. 10%.")] = "0%",
+    bound: Annotated[str, typer.Option("--bound", help="certified (upper bounds, the default) or estimate (power iteration, lower bounds).")] = "certified",
+    input_shape: InputShapeOpt = None,
+    format: FormatOpt = OutputFormat.table,
+    output: OutputOpt = None,
+    tol: TolOpt = 1e-6,
+    max_iters: MaxItersOpt = 1000,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.float32,
+    trust: TrustOpt = False,
+    progress: ProgressOpt = True,
+) -> int:
+    """A robustness gate: exit 0 when every rule holds, 1 when one fails (one line each on stderr)."""
+    from . import gate, writers
+
+    if max_lipschitz is None and max_layer_sigma is None and baseline is None:
+        raise UsageError("check needs at least one rule: --max-lipschitz, --max-layer-sigma or --baseline")
+    for name, value in (("--max-lipschitz", max_lipschitz), ("--max-layer-sigma", max_layer_sigma)):
+        if value is not None and not value > 0:
+            raise UsageError(f"{name} must be a positive number, got {value}")
+    if bound not in ("certified", "estimate"):
+        raise UsageError(f"--bound must be certified or estimate, got '{bound}'")
+    increase = gate.parse_increase(max_increase)
+    if baseline is not None and not baseline.is_file():
+        raise UsageError(f"--baseline {baseline} does not exist")
+    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, trust, progress)
+    results = []
+    for doc in docs:
+        base = gate.load_baseline(baseline, doc["model"]["path"]) if baseline is not None else None
+        results += gate.evaluate(doc, max_lipschitz=max_lipschitz, max_layer_sigma=max_layer_sigma,
+                                 baseline=base, max_increase=increase, bound=bound)
+    if format is OutputFormat.table:
+        from .render import check_table
+
+        _emit(None, check_table(results), output, models)
+    else:
+        text = {
+            OutputFormat.json: lambda: writers.dumps(writers.check_document(docs, results)),
+            OutputFormat.csv: lambda: writers.check_csv(results),
+            OutputFormat.markdown: lambda: writers.check_markdown(results),
+            OutputFormat.junit: lambda: writers.check_junit(results),
+        }[format]()
+        _emit(text, None, output, models)
+    failed = [r for r in results if not r.passed]
+    for r in failed:
+        print(f"lipcheck: gate failed: {r.model}: {r.rule}: {r.message}", file=sys.stderr)
+    return EXIT_GATE_FAILED if failed else EXIT_OK
+
+
+def _report_or_model(path: Path, shape: str | None, tol: float, max_iters: int, seed: int, device: Device,
+                     dtype: DType, trust: bool, progress: bool) -> dict:
+    """A lipcheck JSON report is read as it is; anything else is analysed as a model."""
+    import json
+
+    if path.is_file():
+        with path.open("rb") as fh:
+            head = fh.read(1)
+        if head == b"{":
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise UsageError(f"{path} looks like JSON but does not parse: {exc}") from None
+            if isinstance(doc, dict) and "layers" in doc and "network" in doc:
+                return doc
+            raise UsageError(f"{path} is JSON but not a single lipcheck inspect report")
+    return _analyze_all([path], shape, tol, max_iters, seed, device, dtype, trust, progress)[0]
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="A report (inspect --format json) or a model.", show_default=False)],
+    b: Annotated[Path, typer.Argument(help="A report or a model to compare with A.", show_default=False)],
+    input_shape: InputShapeOpt = None,
+    format: FormatOpt = OutputFormat.table,
+    output: OutputOpt = None,
+    tol: TolOpt = 1e-6,
+    max_iters: MaxItersOpt = 1000,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.float32,
+    trust: TrustOpt = False,
+    progress: ProgressOpt = True,
+) -> int:
+    """Per-layer and network changes between two reports or models, new and vanished layers."""
+    from . import writers
+    from .diff import diff as compute_diff
+    from .report import _finite
+
+    docs = [_report_or_model(p, input_shape, tol, max_iters, seed, device, dtype, trust, progress) for p in (a, b)]
+    doc = _finite(compute_diff(docs[0], docs[1]))
+    if format is OutputFormat.table:
+        from .render import diff_table
+
+        _emit(None, diff_table(doc), output, [a, b])
+        return EXIT_OK
+    text = {
+        OutputFormat.json: lambda: writers.dumps(doc),
+        OutputFormat.csv: lambda: writers.diff_csv(doc),
+        OutputFormat.markdown: lambda: writers.diff_markdown(doc),
+        OutputFormat.junit: lambda: writers.diff_junit(doc),
+    }[format]()
+    _emit(text, None, output, [a, b])
+    return EXIT_OK
+
+
+@app.command()
+def schema() -> int:
+    """Print the JSON Schema of lipcheck's JSON reports."""
+    from importlib.resources import files
+
+    sys.stdout.write(files("lipcheck").joinpath("schema.json").read_text(encoding="utf-8"))
     return EXIT_OK
 
 
@@ -180,7 +330,7 @@ def normalize(
     """Rewrite a model with spectrally normalized layers, then re-inspect it to prove it."""
     shape = parse_shape(input_shape)
     from .api import make_settings
-    from .normalize import normalize as run_normalize
+    from .normalization import normalize as run_normalize
     from .render import make_console, normalize_summary, normalize_table, progress_bar
 
     settings = make_settings(tol, max_iters, seed, device.value, dtype.value)

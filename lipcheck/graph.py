@@ -44,6 +44,7 @@ class Node:
     attrs: dict[str, Any]
     has_subgraph: bool = False
     attr_protos: list[onnx.AttributeProto] = field(default_factory=list)
+    onnx_name: str = ""  # the node's name in the file (``name`` is lipcheck's display name)
 
 
 @dataclass
@@ -177,6 +178,7 @@ def build_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = No
             attrs=attrs,
             has_subgraph=has_sub,
             attr_protos=list(proto.attribute),
+            onnx_name=proto.name,
         )
         graph.nodes.append(node)
         for out in node.outputs:

@@ -12,8 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .report import Report
-
 
 def fmt(value: float | None) -> str:
     if value is None:
@@ -37,8 +35,10 @@ def _iters(iterations: int | None, converged: bool | None) -> str:
     return f"{iterations}" + ("" if converged else "!")
 
 
-def table(report: Report) -> Table:
-    t = Table(title=f"lipcheck: {report.model.path}  [{report.model.format}]", title_justify="left")
+def table(doc: dict[str, Any]) -> Table:
+    """The per-layer table of one report (its JSON document)."""
+    model = doc["model"]
+    t = Table(title=f"lipcheck: {model['path']}  [{model['format']}]", title_justify="left")
     t.add_column("layer", overflow="fold")
     t.add_column("op", no_wrap=True)
     t.add_column("input", no_wrap=True)
@@ -47,33 +47,33 @@ def table(report: Report) -> Table:
     t.add_column("sigma_up", justify="right", no_wrap=True)
     t.add_column("iters", justify="right", no_wrap=True)
     t.add_column("bound", justify="right", no_wrap=True)
-    for r in report.layers:
-        t.add_row(r.name, r.op, _shape(r.input_shape), fmt(r.sigma), fmt(r.sigma_matrix),
-                  fmt(r.sigma_upper), _iters(r.iterations, r.converged), fmt(r.bound))
+    for r in doc["layers"]:
+        t.add_row(r["name"], r["op"], _shape(r["input_shape"]), fmt(r["sigma"]), fmt(r["sigma_matrix"]),
+                  fmt(r["sigma_upper"]), _iters(r["iterations"], r["converged"]), fmt(r["bound"]))
     return t
 
 
-def summary(report: Report) -> Text:
-    n = report.network
+def summary(doc: dict[str, Any]) -> Text:
+    n = doc["network"]
     text = Text()
-    if n.bounded:
+    if n["bounded"]:
         text.append("network Lipschitz bound (certified): ", style="bold")
-        text.append(fmt(n.lipschitz_bound), style="bold green")
-        text.append(f"   estimate from power iteration: {fmt(n.lipschitz_estimate)}\n")
+        text.append(fmt(n["lipschitz_bound"]), style="bold green")
+        text.append(f"   estimate from power iteration: {fmt(n['lipschitz_estimate'])}\n")
     else:
         text.append("network Lipschitz bound: ", style="bold")
         text.append("none", style="bold red")
-        text.append(f" - {n.reason}\n")
-    unconverged = [r.name for r in report.layers if r.converged is False]
+        text.append(f" - {n['reason']}\n")
+    unconverged = [r["name"] for r in doc["layers"] if r["converged"] is False]
     if unconverged:
         text.append(f"{len(unconverged)} estimate(s) marked ! did not converge within max_iters "
                     "(their sigma is a lower bound; sigma_upper still holds)\n", style="yellow")
     text.append("sigma est: power-iteration estimate (a lower bound); sigma_up: certified upper "
                 "bound; sigma_mat: norm of the reshaped conv weight; bound: certified bound from "
                 "the input to that layer\n", style="dim")
-    for s in report.skipped:
-        text.append(f"skipped {s.name} ({s.op}): {s.reason}\n", style="yellow")
-    for note in report.notes:
+    for s in doc["skipped"]:
+        text.append(f"skipped {s['name']} ({s['op']}): {s['reason']}\n", style="yellow")
+    for note in doc["notes"]:
         text.append(f"note: {note}\n")
     return text
 
@@ -85,9 +85,8 @@ def make_console(file: object | None = None) -> Console:
     return Console(file=file, width=140)  # type: ignore[arg-type]
 
 
-def print_report(report: Report, console: Console) -> None:
-    console.print(table(report))
-    console.print(summary(report), end="")
+def report_renderables(doc: dict[str, Any]) -> list[Any]:
+    return [table(doc), summary(doc)]
 
 
 @contextmanager
@@ -138,3 +137,30 @@ def normalize_summary(result: Any) -> Text:
         text.append(f"wrote {result.output}; re-inspection confirms every rescaled layer is at or "
                     "below its target\n", style="green")
     return text
+
+
+def check_table(results: list[Any]) -> Table:
+    t = Table(title="lipcheck check", title_justify="left")
+    for col in ("model", "rule", "result", "value", "limit", "detail"):
+        t.add_column(col, overflow="fold")
+    for r in results:
+        t.add_row(r.model, r.rule, "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", fmt(r.value),
+                  fmt(r.limit), r.message)
+    return t
+
+
+def diff_table(doc: dict[str, Any]) -> Table:
+    net = doc["network"]
+    t = Table(title=f"lipcheck diff: {doc['a']['path']} -> {doc['b']['path']}   network bound "
+                    f"{fmt(net['lipschitz_bound_a'])} -> {fmt(net['lipschitz_bound_b'])}",
+              title_justify="left")
+    for col in ("layer", "op", "sigma_upper A", "sigma_upper B", "change"):
+        t.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    for r in doc["layers"]:
+        change = "-" if r["change"] is None else f"{r['change'] * 100:+.2f}%"
+        t.add_row(r["name"], r["op"], fmt(r["sigma_upper_a"]), fmt(r["sigma_upper_b"]), change)
+    for r in doc["new"]:
+        t.add_row(r["name"], r["op"], "-", "new", "")
+    for r in doc["vanished"]:
+        t.add_row(r["name"], r["op"], "vanished", "-", "")
+    return t

@@ -5,7 +5,6 @@ This module is plain data and serialisation; it imports neither torch nor rich.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -102,20 +101,3 @@ def _finite(value: Any) -> Any:
 
 
 LAYER_FIELDS = [f.name for f in fields(LayerRow)]
-
-
-def to_json(report: Report) -> str:
-    return json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n"
-
-
-def to_csv(report: Report) -> str:
-    import pandas as pd
-
-    rows = []
-    for row in report.to_dict()["layers"]:
-        row = dict(row)
-        shape = row["input_shape"]
-        row["input_shape"] = "x".join("?" if d is None else str(d) for d in shape) if shape else ""
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=LAYER_FIELDS)
-    return str(frame.to_csv(index=False, lineterminator="\n"))

@@ -1,0 +1,170 @@
+"""Robustness gates: rules a report must satisfy for a release to pass.
+
+Pure data in, data out: the CLI turns failed rules into exit code 1. Values are the
+certified numbers by default (``--bound certified``); ``estimate`` uses power-iteration
+estimates instead (lower bounds: a gate on them can pass a model whose true constant is
+above the limit, which the rule's message says).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+GATED_KINDS = {"linear", "conv", "diagonal", "recurrent"}
+
+
+@dataclass
+class RuleResult:
+    model: str
+    rule: str
+    passed: bool
+    value: float | None
+    limit: float | None
+    message: str
+    layer: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from .report import _finite
+
+        return _finite(asdict(self))
+
+
+def parse_increase(text: str) -> float:
+    """'10%' -> 0.10, '0.1' -> 0.1."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise UsageError(f"--max-increase must be like 10% or 0.1, got '{text}'") from None
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"--max-increase must be a non-negative amount, got '{text}'")
+    return value
+
+
+def _over(value: float, limit: float) -> str:
+    if limit > 0:
+        return f"{value - limit:.6g} over ({(value / limit - 1) * 100:.2f}%)"
+    return f"{value - limit:.6g} over"
+
+
+def _network_value(doc: dict[str, Any], bound: str) -> float | None:
+    net = doc["network"]
+    return net.get("lipschitz_bound") if bound == "certified" else net.get("lipschitz_estimate")
+
+
+def _layer_value(row: dict[str, Any], bound: str) -> float | None:
+    if bound == "certified":
+        return row.get("sigma_upper")
+    return row.get("sigma") if row.get("sigma") is not None else row.get("sigma_upper")
+
+
+def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
+             max_layer_sigma: float | None = None, baseline: dict[str, Any] | None = None,
+             max_increase: float | None = None, bound: str = "certified") -> list[RuleResult]:
+    """Every rule's verdict for one inspect report (as its JSON document)."""
+    if bound not in ("certified", "estimate"):
+        raise UsageError(f"--bound must be certified or estimate, got {bound}")
+    model = doc["model"]["path"]
+    results: list[RuleResult] = []
+    layers = [r for r in doc["layers"] if r.get("kind") in GATED_KINDS]
+    if not layers:
+        results.append(RuleResult(model, "analysed", False, None, None,
+                                  "no layer with weights was analysed: a gate that measured nothing fails"))
+    if max_lipschitz is not None:
+        value = _network_value(doc, bound)
+        if value is None:
+            results.append(RuleResult(model, "max-lipschitz", False, None, max_lipschitz,
+                                      f"no network bound: {doc['network']['reason']}"))
+        elif value > max_lipschitz:
+            results.append(RuleResult(model, "max-lipschitz", False, value, max_lipschitz,
+                                      f"network bound {value:.6g} > {max_lipschitz:.6g}: "
+                                      f"{_over(value, max_lipschitz)}"))
+        else:
+            results.append(RuleResult(model, "max-lipschitz", True, value, max_lipschitz,
+                                      f"network bound {value:.6g} <= {max_lipschitz:.6g}"))
+    if max_layer_sigma is not None:
+        worst: tuple[float, str] | None = None
+        failed = False
+        for row in layers:
+            value = _layer_value(row, bound)
+            if value is None or not math.isfinite(value):
+                failed = True
+                results.append(RuleResult(model, "max-layer-sigma", False, None, max_layer_sigma,
+                                          f"layer {row['name']}: no finite sigma ({row.get('note')})",
+                                          row["name"]))
+            elif value > max_layer_sigma:
+                failed = True
+                results.append(RuleResult(model, "max-layer-sigma", False, value, max_layer_sigma,
+                                          f"layer {row['name']}: sigma {value:.6g} > {max_layer_sigma:.6g}: "
+                                          f"{_over(value, max_layer_sigma)}", row["name"]))
+            elif worst is None or value > worst[0]:
+                worst = (value, row["name"])
+        if not failed and layers:
+            assert worst is not None
+            results.append(RuleResult(model, "max-layer-sigma", True, worst[0], max_layer_sigma,
+                                      f"largest layer sigma {worst[0]:.6g} ({worst[1]}) <= "
+                                      f"{max_layer_sigma:.6g}"))
+    if baseline is not None:
+        results.extend(_against_baseline(doc, baseline, max_increase or 0.0, bound))
+    if bound == "estimate":
+        for r in results:
+            r.message += " [estimate: a lower bound, not a guarantee]"
+    return results
+
+
+def _against_baseline(doc: dict[str, Any], base: dict[str, Any], inc: float, bound: str) -> list[RuleResult]:
+    model = doc["model"]["path"]
+    out: list[RuleResult] = []
+    new, old = _network_value(doc, bound), _network_value(base, bound)
+    if old is not None:
+        limit = old * (1 + inc)
+        if new is None:
+            out.append(RuleResult(model, "baseline-network", False, None, limit,
+                                  f"baseline had a network bound {old:.6g}, now none: {doc['network']['reason']}"))
+        else:
+            ok = new <= limit
+            out.append(RuleResult(model, "baseline-network", ok, new, limit,
+                                  f"network bound {new:.6g} vs baseline {old:.6g} (limit {limit:.6g})"
+                                  + ("" if ok else f": {_over(new, limit)}")))
+    base_rows = {r["name"]: r for r in base["layers"] if r.get("kind") in GATED_KINDS}
+    for row in doc["layers"]:
+        if row.get("kind") not in GATED_KINDS or row["name"] not in base_rows:
+            continue
+        new_v, old_v = _layer_value(row, bound), _layer_value(base_rows[row["name"]], bound)
+        if new_v is None or old_v is None:
+            continue
+        limit = old_v * (1 + inc)
+        if new_v > limit:
+            out.append(RuleResult(model, "baseline-layer", False, new_v, limit,
+                                  f"layer {row['name']}: sigma {new_v:.6g} vs baseline {old_v:.6g} "
+                                  f"(limit {limit:.6g}): {_over(new_v, limit)}", row["name"]))
+    if not any(r.rule == "baseline-layer" for r in out):
+        out.append(RuleResult(model, "baseline-layer", True, None, None,
+                              f"no layer grew more than {inc * 100:.4g}% over the baseline"))
+    return out
+
+
+def load_baseline(path: Path, model_path: str) -> dict[str, Any]:
+    """The report for ``model_path`` inside a baseline JSON (one report, or several)."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--baseline {path} is not a readable lipcheck JSON report: {exc}") from None
+    reports = doc.get("reports", [doc]) if isinstance(doc, dict) else []
+    reports = [r for r in reports if isinstance(r, dict) and "layers" in r and "network" in r]
+    if not reports:
+        raise UsageError(f"--baseline {path} holds no lipcheck report")
+    if len(reports) == 1:
+        return reports[0]
+    name = Path(model_path).name
+    for r in reports:
+        if Path(r["model"]["path"]).name == name:
+            return r
+    raise UsageError(f"--baseline {path} has no report for {name}")
