@@ -20,13 +20,15 @@ ProgressFn = Callable[[int, int, str], None]
 
 
 def make_settings(tol: float = 1e-6, max_iters: int = 1000, seed: int = 0, device: str = "auto",
-                  dtype: str = "float32") -> spectral.Settings:
+                  dtype: str = "float32", method: str = "lanczos") -> spectral.Settings:
     if not (0 < tol < 1):
         raise UsageError(f"--tol must be between 0 and 1 (exclusive), got {tol}")
     if max_iters < 1:
         raise UsageError(f"--max-iters must be at least 1, got {max_iters}")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if method not in spectral.METHODS:
+        raise UsageError(f"--method must be one of {', '.join(spectral.METHODS)}, got {method}")
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {device}")
     try:
@@ -34,12 +36,12 @@ def make_settings(tol: float = 1e-6, max_iters: int = 1000, seed: int = 0, devic
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return spectral.Settings(tol=tol, max_iters=max_iters, seed=seed, device=resolved,
-                             dtype=DTYPES[dtype])
+                             dtype=DTYPES[dtype], method=method)
 
 
 def settings_dict(s: spectral.Settings) -> dict[str, Any]:
     return {"tol": s.tol, "max_iters": s.max_iters, "seed": s.seed, "device": s.device,
-            "dtype": str(s.dtype).replace("torch.", "")}
+            "dtype": str(s.dtype).replace("torch.", ""), "method": s.method}
 
 
 def sha256_of(path: Path) -> str:
@@ -59,6 +61,7 @@ def analyze(
     seed: int = 0,
     device: str = "auto",
     dtype: str = "float32",
+    method: str = "lanczos",
     trust: bool = False,
     progress: ProgressFn | None = None,
 ) -> Report:
@@ -67,7 +70,7 @@ def analyze(
     A module needs ``input_shape`` (batch first) to be traced; without it, and for
     a bare state_dict, only per-tensor numbers are reported and no network bound.
     """
-    settings = make_settings(tol, max_iters, seed, device, dtype)
+    settings = make_settings(tol, max_iters, seed, device, dtype, method)
     return run_analysis(source, input_shape, settings, trust=trust, progress=progress).report
 
 
@@ -89,6 +92,7 @@ def normalize(
     seed: int = 0,
     device: str = "auto",
     dtype: str = "float32",
+    method: str = "lanczos",
     trust: bool = False,
 ) -> Any:
     """Write a spectrally normalized copy of ``source`` to ``output`` and re-inspect it.
@@ -98,7 +102,7 @@ def normalize(
     """
     from .normalization import normalize as run_normalize
 
-    settings = make_settings(tol, max_iters, seed, device, dtype)
+    settings = make_settings(tol, max_iters, seed, device, dtype, method)
     return run_normalize(source, output, target=target, clip=clip, budget=budget, layers=layers,
                          exclude=exclude, in_place=in_place, force=force, input_shape=input_shape,
                          settings=settings, trust=trust, mode=mode)

@@ -42,6 +42,11 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
+class Method(str, enum.Enum):
+    lanczos = "lanczos"
+    power = "power"
+
+
 class DType(str, enum.Enum):
     float32 = "float32"
     float64 = "float64"
@@ -57,6 +62,7 @@ TolOpt = Annotated[float, typer.Option("--tol", help="Power iteration stops when
 MaxItersOpt = Annotated[int, typer.Option("--max-iters", help="Power iteration stops after this many iterations (reported as not converged).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the power-iteration start vectors.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto takes the GPU when torch sees one.")]
+MethodOpt = Annotated[Method, typer.Option("--method", help="lanczos (Krylov, fewer iterations) or power (plain power iteration, the reference).")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Precision of the estimates (certified bounds always use float64).")]
 TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow loading files that run code when unpickled (pickled modules, .pt2). Only for files you trust.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (shown only on a terminal).")]
@@ -113,12 +119,12 @@ def write_output(text: str, output: Path | None, model: Path | list[Path]) -> No
 
 
 def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_iters: int, seed: int,
-                 device: Device, dtype: DType, trust: bool, progress: bool) -> list[dict]:
+                 device: Device, dtype: DType, method: Method, trust: bool, progress: bool) -> list[dict]:
     shape = parse_shape(input_shape)
     from .api import make_settings, run_analysis
     from .render import progress_bar
 
-    settings = make_settings(tol, max_iters, seed, device.value, dtype.value)
+    settings = make_settings(tol, max_iters, seed, device.value, dtype.value, method.value)
     docs = []
     for model in models:
         with progress_bar(progress and sys.stderr.isatty()) as callback:
@@ -155,13 +161,14 @@ def inspect(
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.float32,
+    method: MethodOpt = Method.lanczos,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
 ) -> int:
     """Per-layer spectral norms and the network's Lipschitz bound."""
     from . import writers
 
-    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, trust, progress)
+    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress)
     if format is OutputFormat.table:
         from rich.console import Group
 
@@ -195,6 +202,7 @@ def check(
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.float32,
+    method: MethodOpt = Method.lanczos,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
 ) -> int:
@@ -211,7 +219,7 @@ def check(
     increase = gate.parse_increase(max_increase)
     if baseline is not None and not baseline.is_file():
         raise UsageError(f"--baseline {baseline} does not exist")
-    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, trust, progress)
+    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress)
     results = []
     for doc in docs:
         base = gate.load_baseline(baseline, doc["model"]["path"]) if baseline is not None else None
@@ -236,7 +244,7 @@ def check(
 
 
 def _report_or_model(path: Path, shape: str | None, tol: float, max_iters: int, seed: int, device: Device,
-                     dtype: DType, trust: bool, progress: bool) -> dict:
+                     dtype: DType, method: Method, trust: bool, progress: bool) -> dict:
     """A lipcheck JSON report is read as it is; anything else is analysed as a model."""
     import json
 
@@ -251,7 +259,7 @@ def _report_or_model(path: Path, shape: str | None, tol: float, max_iters: int, 
             if isinstance(doc, dict) and "layers" in doc and "network" in doc:
                 return doc
             raise UsageError(f"{path} is JSON but not a single lipcheck inspect report")
-    return _analyze_all([path], shape, tol, max_iters, seed, device, dtype, trust, progress)[0]
+    return _analyze_all([path], shape, tol, max_iters, seed, device, dtype, method, trust, progress)[0]
 
 
 @app.command()
@@ -266,6 +274,7 @@ def diff(
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.float32,
+    method: MethodOpt = Method.lanczos,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
 ) -> int:
@@ -274,7 +283,7 @@ def diff(
     from .diff import diff as compute_diff
     from .report import _finite
 
-    docs = [_report_or_model(p, input_shape, tol, max_iters, seed, device, dtype, trust, progress) for p in (a, b)]
+    docs = [_report_or_model(p, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress) for p in (a, b)]
     doc = _finite(compute_diff(docs[0], docs[1]))
     if format is OutputFormat.table:
         from .render import diff_table
@@ -324,6 +333,7 @@ def normalize(
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.float32,
+    method: MethodOpt = Method.lanczos,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
 ) -> int:
@@ -333,7 +343,7 @@ def normalize(
     from .normalization import normalize as run_normalize
     from .render import make_console, normalize_summary, normalize_table, progress_bar
 
-    settings = make_settings(tol, max_iters, seed, device.value, dtype.value)
+    settings = make_settings(tol, max_iters, seed, device.value, dtype.value, method.value)
     if report is not None:
         check_report_path(report, model, output)
     with progress_bar(progress and sys.stderr.isatty()) as callback:

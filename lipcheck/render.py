@@ -59,7 +59,7 @@ def summary(doc: dict[str, Any]) -> Text:
     if n["bounded"]:
         text.append("network Lipschitz bound (certified): ", style="bold")
         text.append(fmt(n["lipschitz_bound"]), style="bold green")
-        text.append(f"   estimate from power iteration: {fmt(n['lipschitz_estimate'])}\n")
+        text.append(f"   composed from the estimates: {fmt(n['lipschitz_estimate'])}\n")
     else:
         text.append("network Lipschitz bound: ", style="bold")
         text.append("none", style="bold red")
@@ -68,7 +68,7 @@ def summary(doc: dict[str, Any]) -> Text:
     if unconverged:
         text.append(f"{len(unconverged)} estimate(s) marked ! did not converge within max_iters "
                     "(their sigma is a lower bound; sigma_upper still holds)\n", style="yellow")
-    text.append("sigma est: power-iteration estimate (a lower bound); sigma_up: certified upper "
+    text.append("sigma est: Krylov/power-iteration estimate (a lower bound); sigma_up: certified upper "
                 "bound; sigma_mat: norm of the reshaped conv weight; bound: certified bound from "
                 "the input to that layer\n", style="dim")
     for s in doc["skipped"]:

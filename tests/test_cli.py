@@ -62,7 +62,7 @@ def test_json_document(capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["schema_version"] == "1"
     assert doc["model"]["format"] == "onnx" and len(doc["model"]["sha256"]) == 64
     assert doc["settings"] == {"tol": 1e-6, "max_iters": 1000, "seed": 3, "device": "cpu",
-                               "dtype": "float32"}
+                               "dtype": "float32", "method": "lanczos"}
     layer_keys = {"name", "op", "input_shape", "sigma", "sigma_matrix", "sigma_upper",
                   "iterations", "converged"}
     assert all(layer_keys <= set(row) for row in doc["layers"])
@@ -312,3 +312,20 @@ def test_torch_export_archive_needs_trust(tmp_path: Path, capsys: pytest.Capture
     ref_doc = json.loads(ref)
     assert doc["model"]["input_shape"] == [1, 3, 16, 16]
     assert doc["network"]["lipschitz_bound"] == pytest.approx(ref_doc["network"]["lipschitz_bound"], rel=1e-9)
+
+
+@pytest.mark.parametrize("sample", ["cnn.onnx", "resnet.onnx"])
+def test_lanczos_matches_power_reference_in_fewer_iterations(sample: str) -> None:
+    import lipcheck
+
+    common = dict(tol=1e-8, max_iters=20000, device="cpu", dtype="float64")
+    power = lipcheck.analyze(SAMPLES / sample, method="power", **common)
+    krylov = lipcheck.analyze(SAMPLES / sample, method="lanczos", **common)
+    assert [r.name for r in power.layers] == [r.name for r in krylov.layers]
+    for p, k in zip(power.layers, krylov.layers):
+        if p.sigma is not None:
+            assert k.sigma == pytest.approx(p.sigma, rel=1e-4), p.name
+            assert k.sigma <= k.sigma_upper * (1 + 1e-12)
+    iters = lambda rep: sum(r.iterations or 0 for r in rep.layers)  # noqa: E731
+    assert iters(krylov) * 3 < iters(power)
+    assert krylov.network.lipschitz_bound == pytest.approx(power.network.lipschitz_bound, rel=1e-3)
