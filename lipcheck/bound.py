@@ -56,8 +56,8 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
         if progress is not None:
             progress(i, total, node.name)
         data = [k for k, v in enumerate(node.inputs) if v and v not in graph.static]
-        if not data:
-            continue  # a constant or shape computation: L = 0
+        if not data or all(o in graph.static for o in node.outputs if o):
+            continue  # a constant or shape computation (Shape of an activation too): L = 0
         handler = RULES.get(node.op) if node.domain == "" else None
         if handler is None:
             where = f"domain '{node.domain}'" if node.domain else "lipcheck"

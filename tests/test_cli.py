@@ -329,3 +329,20 @@ def test_lanczos_matches_power_reference_in_fewer_iterations(sample: str) -> Non
     iters = lambda rep: sum(r.iterations or 0 for r in rep.layers)  # noqa: E731
     assert iters(krylov) * 3 < iters(power)
     assert krylov.network.lipschitz_bound == pytest.approx(power.network.lipschitz_bound, rel=1e-3)
+
+
+def test_shape_of_an_activation_is_not_an_op_to_skip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Shape(x) feeds a Reshape: it does not depend on x's values, so nothing is skipped."""
+    w = np.eye(4, dtype=np.float32) * 3
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Shape", ["h"], ["s"]),
+        helper.make_node("Reshape", ["h", "s"], ["y"]),
+    ]
+    path = tmp_path / "shape.onnx"
+    onnx.save(_gemm_graph(nodes, [numpy_helper.from_array(w, "w")], 4), path)
+    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["skipped"] == [] and doc["network"]["bounded"] is True
+    assert doc["network"]["lipschitz_bound"] == pytest.approx(3.0, rel=1e-4)
