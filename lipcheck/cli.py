@@ -103,19 +103,9 @@ def write_output(text: str, output: Path | None, model: Path | list[Path]) -> No
     for m in model if isinstance(model, list) else [model]:
         if output.exists() and m.exists() and os.path.samefile(output, m):
             raise UsageError(f"refusing to write the report over the model file {output}")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
-    tmp = folder / f".{output.name}.lipcheck-tmp-{os.getpid()}"
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, output)
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from .files import atomic_write
+
+    atomic_write(output, text.encode("utf-8"))
 
 
 def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_iters: int, seed: int,

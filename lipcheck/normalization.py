@@ -267,19 +267,11 @@ def _rewrite_checkpoint(obj: Any, scales: dict[str, float]) -> Any:
 def _atomic(output: Path, write: Callable[[io.BytesIO], None]) -> None:
     """Serialise in memory (torch names a zip's root after the file, so writing to a temp
     name would change the bytes), then a sibling temp file and os.replace."""
+    from .files import atomic_write
+
     buffer = io.BytesIO()
     write(buffer)
-    folder = output.parent if str(output.parent) else Path(".")
-    tmp = folder / f".{output.name}.lipcheck-tmp-{os.getpid()}"
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(buffer.getvalue())
-        os.replace(tmp, output)
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(output, buffer.getvalue())
 
 
 def _source_module(analysis: Analysis, source: Path, trust: bool) -> nn.Module:
