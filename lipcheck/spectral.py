@@ -316,7 +316,7 @@ def batched_gram_bound(mats: torch.Tensor, estimate: float = 0.0) -> float:
     if a.numel() == 0:
         return 0.0
     h = a
-    log_scale = torch.zeros(a.shape[0], dtype=torch.float64)
+    log_scale = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
     target = estimate
     finished = 0.0
     for t in range(GRAM_MAX_STEPS + 1):

@@ -22,7 +22,8 @@ def _shape_list(ctx: Context, value: str) -> list[int | None] | None:
 
 def _matrix_row(ctx: Context, node: Node, weight: np.ndarray, data_in: str, scale: float) -> LayerRow:
     """Estimate + Gram certificate for x -> scale * W x (any batch of matrices)."""
-    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float64))
+    # certificates run where the estimates do (float64 on the GPU when there is one)
+    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float64)).to(ctx.settings.device)
     est = spectral.matrix_estimate(w, ctx.settings)
     cert = spectral.gram_upper_bound(w, est.sigma)
     upper = cert.value * scale
@@ -307,7 +308,7 @@ def conv(ctx: Context, node: Node, data: list[int]) -> Outcome:
         est_shape = (1, *sel.source_shape[1:])
     est = spectral.operator_estimate(fn, est_shape, ctx.settings)
     sigma = est.sigma * scale
-    cert = _conv_certificate(weight, spatial, kernel, strides, dilations, groups, conv_pads,
+    cert = _conv_certificate(weight.to(ctx.settings.device), spatial, kernel, strides, dilations, groups, conv_pads,
                              transposed, node, sigma, sel)
     row.sigma, row.iterations, row.converged = sigma, est.iterations, est.converged
     row.sigma_upper = row.lipschitz = cert.value
