@@ -226,6 +226,13 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
             rows.append(LayerRow(name=layer, op="BatchNorm", kind="diagonal", sigma=value,
                                  sigma_upper=value, upper_method="exact (eps=1e-5)",
                                  lipschitz=value, iterations=0, converged=True))
+        elif 2 <= t.ndim <= 5 and w.numel() == 0:
+            # A map from or to an empty space is the zero map: norm 0, exactly.
+            rows.append(LayerRow(name=key if leaf != "weight" else layer,
+                                 op="Linear" if t.ndim == 2 else f"Conv{t.ndim - 2}d",
+                                 kind="linear" if t.ndim == 2 else "conv", sigma=0.0,
+                                 sigma_upper=0.0, upper_method="exact (empty)", lipschitz=0.0,
+                                 iterations=0, converged=True, note=f"0-size weight {list(t.shape)}"))
         elif t.ndim == 2:
             est = spectral.matrix_estimate(w, settings)
             cert = spectral.gram_upper_bound(w, est.sigma)

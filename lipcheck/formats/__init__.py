@@ -1,18 +1,25 @@
 """Model file formats: decide the format from the file's content, then load it.
 
 Each adapter lives in its own module and is imported only when a file of its kind
-is opened, so ``lipcheck --help`` never imports torch or onnx.
+is opened, so ``lipcheck --help`` never imports torch or onnx. The extension is never
+consulted: a safetensors file named ``.pt`` is read as safetensors, a pickle named
+``.onnx`` goes through the pickle checks.
 """
 
 from __future__ import annotations
 
 import enum
+import io
+import os
+import pickletools
+import stat
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedInputError
 
 if TYPE_CHECKING:
     import onnx
@@ -24,6 +31,7 @@ class Format(str, enum.Enum):
     TORCH_SAVE = "torch-save"  # torch.save: a state_dict, checkpoint dict or pickled module
     TORCH_EXPORT = "torch-export"
     PICKLE = "pickle"  # a raw (non-torch) pickle
+    SAFETENSORS = "safetensors"
 
 
 @dataclass
@@ -38,47 +46,149 @@ class Loaded:
     why_no_graph: str = ""
 
 
-ZIP_MAGIC = b"PK\x03\x04"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a member first, or an empty archive
 PICKLE_PROTO = b"\x80"
+# torch.save's legacy (non-zip) format starts with a pickle of this number.
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# The safetensors reference implementation refuses headers above 100 MB.
+SAFETENSORS_MAX_HEADER = 100_000_000
+HEAD_BYTES = 512
+# What zipfile raises on a damaged archive (NotImplementedError: a "zip version" or
+# compression method from the future; struct.error: a cut header).
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
+              NotImplementedError, struct.error)
+
+# Files lipcheck recognises in order to refuse them with a useful message.
+FOREIGN_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras/TensorFlow .h5?); export the model to ONNX"),
+    (0, b"GGUF", "a GGUF file (llama.cpp); lipcheck reads ONNX, torch and safetensors files"),
+    (4, b"TFL3", "a TensorFlow Lite flatbuffer; convert the model to ONNX (tf2onnx)"),
+    (0, b"\x93NUMPY", "a NumPy .npy array, not a model; save the weights as a safetensors file"),
+    (0, b"\x1f\x8b", "gzip-compressed; decompress it first"),
+    (0, b"BZh", "bzip2-compressed; decompress it first"),
+    (0, b"\xfd7zXZ\x00", "xz-compressed; decompress it first"),
+    (0, b"\x28\xb5\x2f\xfd", "zstd-compressed; decompress it first"),
+    (0, b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive; extract it first"),
+    (257, b"ustar", "a tar archive; extract it first"),
+)
 
 
 def detect(path: Path) -> Format:
     """The format from the first bytes and, for zip archives, their member names."""
     try:
         with path.open("rb") as fh:
-            head = fh.read(8)
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(HEAD_BYTES)
     except IsADirectoryError:
         raise InputError(f"{path} is a directory, not a model file") from None
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not head:
         raise InputError(f"{path} is empty (0 bytes)")
-    if head.startswith(ZIP_MAGIC):
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise InputError(f"{path} is a damaged zip archive: {exc}") from None
-        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-            return Format.TORCHSCRIPT
-        if any(n.endswith("archive_format") or "serialized_exported_program" in n for n in names):
-            return Format.TORCH_EXPORT
-        if any(n.endswith("data.pkl") for n in names):
-            return Format.TORCH_SAVE
-        raise InputError(f"{path} is a zip archive but not a torch file lipcheck knows")
-    if head.startswith(PICKLE_PROTO):
-        return Format.TORCH_SAVE  # torch.load reads legacy torch.save and plain pickles alike
+    if head[:4] in ZIP_MAGICS:
+        return _detect_zip(path)
+    if _is_safetensors(head, size, path):
+        return Format.SAFETENSORS
+    for offset, magic, what in FOREIGN_MAGIC:
+        if head[offset:offset + len(magic)] == magic:
+            raise UnsupportedInputError(f"{path} is {what}")
+    if head.startswith(PICKLE_PROTO) or _looks_like_old_pickle(head):
+        return Format.TORCH_SAVE if is_torch_legacy(head) else Format.PICKLE
     return Format.ONNX
+
+
+def _detect_zip(path: Path) -> Format:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except ZIP_ERRORS as exc:
+        raise InputError(f"{path} is a damaged or truncated zip archive: {exc}") from None
+    if any(n.endswith("archive_format") or "serialized_exported_program" in n for n in names):
+        return Format.TORCH_EXPORT
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        return Format.TORCHSCRIPT
+    if any(n.endswith("data.pkl") for n in names):
+        return Format.TORCH_SAVE
+    if names and all(n.endswith(".npy") for n in names):
+        raise UnsupportedInputError(f"{path} is a NumPy .npz archive, not a model; save the weights as safetensors")
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "") if names else "none"
+    raise UnsupportedInputError(
+        f"{path} is a zip archive but not a torch.save, TorchScript or torch.export file (members: {shown})"
+    )
+
+
+def _is_safetensors(head: bytes, size: int, path: Path) -> bool:
+    """8-byte little-endian header length, then a JSON object: '{' at byte 8."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    if n < 2:
+        return False
+    if 8 + n > size or n > SAFETENSORS_MAX_HEADER:
+        raise InputError(
+            f"{path} looks like a safetensors file but its header length ({n} bytes) is beyond "
+            f"the file's {size} bytes: truncated or damaged"
+        )
+    return True
+
+
+def _looks_like_old_pickle(head: bytes) -> bool:
+    """Protocol 0/1 pickles have no PROTO opcode; accept the usual first opcodes
+    (MARK, EMPTY_DICT, EMPTY_LIST, GLOBAL) followed by a few more valid ones."""
+    if head[:1] not in (b"(", b"}", b"]", b"c"):
+        return False
+    count = 0
+    try:
+        for _ in pickletools.genops(io.BytesIO(head)):
+            count += 1
+            if count >= 4:
+                return True
+    except Exception:  # noqa: BLE001 - genops raises ValueError and friends on non-pickles
+        return False
+    return count >= 2
+
+
+def is_torch_legacy(head: bytes) -> bool:
+    """True when the first pickle is exactly torch's legacy magic number (read statically:
+    nothing is unpickled)."""
+    ops = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(head)):
+            ops.append((op.name, arg))
+            if op.name == "STOP" or len(ops) > 4:
+                break
+    except Exception:  # noqa: BLE001
+        return False
+    values = [arg for name, arg in ops if name not in ("PROTO", "FRAME", "STOP")]
+    return ops[-1][0] == "STOP" and values == [TORCH_LEGACY_MAGIC]
 
 
 def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None = None) -> Loaded:
     if not path.exists():
         raise InputError(f"{path} does not exist")
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path} is a directory, not a model file")
+    if not stat.S_ISREG(mode):
+        # A FIFO or device would block or never end; lipcheck reads regular files only.
+        raise InputError(f"{path} is not a regular file (a pipe, socket or device)")
     fmt = detect(path)
     if fmt is Format.ONNX:
         from .onnx_format import load_onnx
 
         return Loaded(format=fmt.value, onnx_model=load_onnx(path), input_shape=input_shape)
+    if fmt is Format.SAFETENSORS:
+        from .safetensors_format import load_safetensors
+
+        loaded = Loaded(format=fmt.value, tensors=load_safetensors(path), input_shape=input_shape)
+        loaded.why_no_graph = (
+            "a safetensors file has weights but no graph, so no network bound can be composed; "
+            "analyse the ONNX or TorchScript form (with --input-shape) for one"
+        )
+        return loaded
     from . import torch_format
 
     return torch_format.load(path, fmt, trust=trust, input_shape=input_shape)

@@ -1,0 +1,138 @@
+"""safetensors files, parsed here with json and torch.frombuffer (no ``safetensors`` package).
+
+Layout (https://github.com/huggingface/safetensors#format): an 8-byte little-endian
+header length N, N bytes of JSON mapping each tensor name to ``{"dtype", "shape",
+"data_offsets": [begin, end]}`` (plus an optional ``__metadata__`` of strings), then the
+raw little-endian data; offsets are relative to the end of the header. As in the
+reference implementation, the tensors must tile the data exactly: no gap, no overlap,
+nothing after the last one, so a file can never make lipcheck read more than its size.
+Everything is validated before a single data byte is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from . import SAFETENSORS_MAX_HEADER
+
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "U16": (torch.uint16, 2),
+    "U32": (torch.uint32, 4),
+    "U64": (torch.uint64, 8),
+}
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if sys.byteorder != "little":  # the data is little-endian; frombuffer reads native order
+        raise InputError(f"{path}: safetensors files are read on little-endian machines only")
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        header_len, entries = _read_header(fh, size, path)
+        data_start = 8 + header_len
+        layout = _validate(entries, size - data_start, path)
+        if not layout:
+            raise InputError(f"{path}: the safetensors header describes no tensors")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, dtype, shape, begin, end in layout:
+            if end == begin:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+                continue
+            fh.seek(data_start + begin)
+            raw = bytearray(fh.read(end - begin))
+            if len(raw) != end - begin:  # the file shrank while being read
+                raise InputError(f"{path}: tensor '{name}' is cut short (file truncated while reading)")
+            tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
+    return tensors
+
+
+def _read_header(fh: Any, size: int, path: Path) -> tuple[int, dict[str, Any]]:
+    first = fh.read(8)
+    if len(first) < 8:
+        raise InputError(f"{path}: safetensors file shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", first)
+    if n > SAFETENSORS_MAX_HEADER or 8 + n > size:
+        raise InputError(f"{path}: safetensors header length {n} is beyond the file's {size} bytes")
+    text = fh.read(n)
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise InputError(f"{path}: safetensors __metadata__ must map strings to strings")
+    return n, header
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key '{key}'")
+        out[key] = value
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(entries: dict[str, Any], data_len: int,
+              path: Path) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
+    """Every entry well-formed, sized by its shape, and the entries tiling [0, data_len)."""
+    layout = []
+    for name, info in entries.items():
+        where = f"{path}: tensor '{name}'"
+        if not isinstance(info, dict):
+            raise InputError(f"{where}: expected an object with dtype, shape and data_offsets")
+        dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype_name not in DTYPES:
+            raise InputError(f"{where}: unknown dtype {dtype_name!r} (known: {', '.join(DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise InputError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise InputError(f"{where}: data_offsets must be [begin, end], got {offsets!r}")
+        begin, end = offsets
+        dtype, itemsize = DTYPES[dtype_name]
+        expected = math.prod(shape) * itemsize  # Python ints: no overflow
+        if not 0 <= begin <= end <= data_len:
+            raise InputError(f"{where}: data_offsets [{begin}, {end}] are outside the {data_len} data bytes")
+        if end - begin != expected:
+            raise InputError(
+                f"{where}: {end - begin} data bytes but shape {shape} of {dtype_name} needs {expected}"
+            )
+        layout.append((name, dtype, tuple(shape), begin, end))
+    position = 0
+    for name, _, _, begin, end in sorted(layout, key=lambda e: (e[3], e[4])):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else f"leaves a gap at byte {position}"
+            raise InputError(f"{path}: tensor '{name}' {what}")
+        position = end
+    if position != data_len:
+        raise InputError(f"{path}: {data_len - position} bytes after the last tensor are not described by the header")
+    return layout
