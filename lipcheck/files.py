@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import UsageError
@@ -15,13 +16,27 @@ def atomic_write(output: Path, data: bytes) -> None:
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"cannot write {output}: folder {folder} does not exist")
-    tmp = folder / f".{output.name}.lipcheck-tmp-{os.getpid()}"
+    # mkstemp creates the file with O_EXCL: a name planted in advance (a symlink to
+    # somewhere else) makes it pick another name instead of writing through it.
     try:
-        with tmp.open("wb") as fh:
+        fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".lipcheck-tmp", dir=folder)
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, output)
     except OSError as exc:
         raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
+
+
+def _umask() -> int:
+    """The process umask (mkstemp creates files 0600; a report should get the usual mode)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

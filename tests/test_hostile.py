@@ -309,8 +309,6 @@ def test_output_symlink_to_another_file_is_not_followed(model_copy: Path,
     assert _leftovers(folder) == []
 
 
-@pytest.mark.xfail(strict=True, reason="write_output opens a predictable temp name with open('w'), which "
-                                       "follows a symlink planted there; fix (mkstemp) reported")
 def test_output_temp_file_is_not_a_planted_symlink(model_copy: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     folder = model_copy.parent
