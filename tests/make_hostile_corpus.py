@@ -630,7 +630,8 @@ SAFETENSORS_CASES = [
     ("st_valid.safetensors", "ok", '"safetensors"', _st()),
     ("st_named.pt", "ok", '"safetensors"', _st()),
     ("st_header_beyond_file.safetensors", "broken", "header length", _st(length_patch=10**6)),
-    ("st_header_huge.safetensors", "broken", "header length", _st(length_patch=2**62)),
+    # A length no safetensors writer produces: not taken for safetensors at all.
+    ("st_header_huge.safetensors", "broken", "not a model file", _st(length_patch=2**62)),
     ("st_bad_json.safetensors", "broken", "JSON",
      lambda p, m: p.write_bytes(struct.pack("<Q", 16) + b'{"a": [1, 2,,]} ' + b"\x00" * 8)),
     ("st_no_tensors.safetensors", "broken", "no tensors",
@@ -699,6 +700,14 @@ for _name, _sample, _fmt in [
     ("torchscript_named.onnx", "mlp.ts.pt", '"torchscript"'),
 ]:
     CASES.append(Case(_name, "ok", _fmt, _copy(_sample)))
+
+
+@case("onnx_brace_at_byte8.onnx", "ok", '"onnx"')
+def _onnx_brace(p: Path, marker: Path) -> None:
+    """A valid ONNX file whose byte 8 is '{', as a safetensors header would start."""
+    model = gemm_model([np.eye(3, dtype=np.float32)])
+    model.producer_name = "abcd{xyz"
+    p.write_bytes(model.SerializeToString())
 
 
 @case("legacy_state_dict.bin", "ok", '"state_dict"')

@@ -122,9 +122,9 @@ def _is_safetensors(head: bytes, size: int, path: Path) -> bool:
     if len(head) < 9 or head[8:9] != b"{":
         return False
     (n,) = struct.unpack("<Q", head[:8])
-    if n < 2:
-        return False
-    if 8 + n > size or n > SAFETENSORS_MAX_HEADER:
+    if n < 2 or n > SAFETENSORS_MAX_HEADER:
+        return False  # not a plausible header length: some other format with '{' at byte 8
+    if 8 + n > size:
         raise InputError(
             f"{path} looks like a safetensors file but its header length ({n} bytes) is beyond "
             f"the file's {size} bytes: truncated or damaged"
