@@ -8,6 +8,7 @@ static shape of each value where ONNX shape inference or the user supplied one.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections import Counter
@@ -267,6 +268,8 @@ def _fold(graph: Graph, node: Node) -> None:
         graph.static.add(out)
     if not all(i in graph.consts for i in data):
         return
+    if _fold_too_big(graph, node):
+        return
     values = _evaluate(node, [graph.consts[i] if i else None for i in node.inputs])
     if values is None:
         return
@@ -281,6 +284,32 @@ def _fold(graph: Graph, node: Node) -> None:
         src = graph.origin.get(data[0])
         if src is not None:
             graph.origin[node.outputs[0]] = src
+
+
+def _fold_too_big(graph: Graph, node: Node) -> bool:
+    """True when folding would build an output over MAX_FOLD_ELEMENTS. The reference
+    runtime allocates the whole output first, and ConstantOfShape, Expand, Tile or Range
+    turn a few bytes of a (hostile) file into gigabytes."""
+    for out in node.outputs:
+        dims = graph.known_shape(out) if out else None
+        if dims is not None and math.prod(dims) > MAX_FOLD_ELEMENTS:
+            return True
+    args = [graph.consts[i] if i else None for i in node.inputs]
+    try:
+        if node.op == "ConstantOfShape":
+            size = math.prod(int(d) for d in args[0].reshape(-1))
+        elif node.op == "Expand":
+            size = math.prod(np.broadcast_shapes(args[0].shape, tuple(int(d) for d in args[1].reshape(-1))))
+        elif node.op == "Tile":
+            size = math.prod(int(d) * int(r) for d, r in zip(args[0].shape, args[1].reshape(-1)))
+        elif node.op == "Range":
+            start, limit, delta = (float(a.reshape(-1)[0]) for a in args[:3])
+            size = math.ceil((limit - start) / delta) if delta else 0
+        else:
+            return False
+    except (TypeError, ValueError, IndexError, AttributeError, OverflowError):
+        return True  # malformed: leave it unfolded
+    return size > MAX_FOLD_ELEMENTS
 
 
 def _evaluate(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:

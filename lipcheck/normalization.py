@@ -25,7 +25,7 @@ from torch import nn
 
 from . import spectral
 from .api import Analysis, run_analysis, sha256_of
-from .errors import InputError, UsageError
+from .errors import InputError, UntrustedInputError, UsageError
 from .report import Report
 
 # Ops whose weight lipcheck rescales, and which input holds that weight.
@@ -359,6 +359,11 @@ def _write(analysis: Analysis, source: Path, output: Path, scales: dict[str, flo
         return
     if fmt == "torchscript":
         from .formats.torch_format import _jit_load
+
+        if not trust:
+            raise UntrustedInputError(
+                f"{source} is a TorchScript archive: writing it back needs torch.jit.load, which runs "
+                "code stored in it; if you trust it, pass --trust")
 
         module = _jit_load(source)
         _scale_module(module, scales)

@@ -203,15 +203,16 @@ def _lanczos_loop(
 def matrix_estimate(weight: torch.Tensor, settings: Settings) -> Estimate:
     """Largest singular value of a 2-D matrix (or the max over a batch of them)."""
     w = weight.to(device=settings.device, dtype=settings.dtype)
+    if w.numel() == 0:  # before the reshape: -1 is ambiguous for 0 elements
+        return Estimate(0.0, 0, True)
     if w.ndim == 2:
         w = w.unsqueeze(0)
     w = w.reshape(-1, w.shape[-2], w.shape[-1])
-    if w.numel() == 0:
-        return Estimate(0.0, 0, True)
-    if not bool(torch.isfinite(w).all()):
-        return Estimate(math.nan, 0, False)
     # Iterate on W / max|W|: |AᵀAx| grows like sigma^2 and would leave float32 range.
-    scale = float(w.abs().max())
+    # One pass: NaN and Inf carry through the max, so it doubles as the finiteness check.
+    scale = float(w.abs().amax())
+    if not math.isfinite(scale):
+        return Estimate(math.nan, 0, False)
     if scale == 0.0:
         return Estimate(0.0, 1, True)
     w = w / scale
@@ -257,11 +258,11 @@ def gram_upper_bound(weight: torch.Tensor, estimate: float = 0.0) -> Certificate
     Each G_t is renormalised to unit Frobenius norm and the scale kept as a log.
     """
     w = weight.detach().to(dtype=torch.float64)
+    if w.numel() == 0:  # before the reshape: -1 is ambiguous for 0 elements
+        return Certificate(0.0, "gram")
     if w.ndim == 2:
         w = w.unsqueeze(0)
     w = w.reshape(-1, w.shape[-2], w.shape[-1])
-    if w.numel() == 0:
-        return Certificate(0.0, "gram")
     if not bool(torch.isfinite(w).all()):
         return Certificate(math.nan, "gram")
     return Certificate(batched_gram_bound(w, estimate) * CERT_SAFETY, "gram")

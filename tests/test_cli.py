@@ -103,8 +103,11 @@ def test_state_dict_has_no_network_bound(capsys: pytest.CaptureFixture[str]) -> 
 def test_torchscript_needs_input_shape_for_a_bound(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = lipcheck(["inspect", SAMPLES / "mlp.ts.pt", "-f", "json"], capsys)
     assert code == 0 and json.loads(out)["network"]["bounded"] is False
+    # tracing the graph runs the archive's code: refused without --trust
+    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.ts.pt", "-f", "json", "--input-shape", "1,16"], capsys)
+    assert code == 2 and "--trust" in err and out == ""
     code, out, _ = lipcheck(["inspect", SAMPLES / "mlp.ts.pt", "-f", "json", "--input-shape",
-                             "1,16"], capsys)
+                             "1,16", "--trust"], capsys)
     assert code == 0 and json.loads(out)["network"]["bounded"] is True
 
 

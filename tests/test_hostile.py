@@ -32,7 +32,6 @@ CASES = {c.name: c for c in corpus.CASES}
 ERROR_CLASS = {"untrusted": UntrustedInputError, "unsupported": UnsupportedInputError, "broken": InputError}
 # Known failures outside the loaders, reported with a patch; strict: they fail loudly once fixed.
 KNOWN_BUGS = {
-    "onnx_zero_size.onnx": "spectral.matrix_estimate reshapes a 0-size weight before its numel() == 0 check",
 }
 
 
@@ -137,8 +136,6 @@ def test_torchscript_weights_are_read_without_running_its_code(
         assert not (folder / corpus.MARKER_NAME).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="tracing a TorchScript file (--input-shape) runs its code without "
-                                       "--trust; policy change and patch reported")
 def test_torchscript_graph_needs_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     marker = tmp_path / corpus.MARKER_NAME
     path = corpus.build_case(tmp_path, CASES["torchscript_setstate.pt"])

@@ -54,6 +54,11 @@ def load(path: Path, fmt: Format, *, trust: bool, input_shape: tuple[int, ...] |
     if fmt is Format.TORCHSCRIPT:
         if input_shape is None:
             return _script_weights(path, trust)
+        if not trust:
+            raise UntrustedInputError(
+                f"{path} is a TorchScript archive: tracing its graph (--input-shape) runs the code stored "
+                "in it (torch.jit.load runs its __setstate__, tracing runs forward). If you trust it, pass "
+                "--trust; without --input-shape its weights are read without running anything.")
         module = _jit_load(path)
         return _from_module(module, fmt.value, input_shape, scripted=True)
     if fmt is Format.TORCH_EXPORT:

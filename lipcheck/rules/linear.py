@@ -31,6 +31,7 @@ def _matrix_row(ctx: Context, node: Node, weight: np.ndarray, data_in: str, scal
         name=node.name, op=node.op, kind="linear", input_shape=_shape_list(ctx, data_in),
         sigma=est.sigma * scale, sigma_upper=upper, upper_method=cert.method, lipschitz=upper,
         iterations=est.iterations, converged=est.converged,
+        note=None if math.isfinite(upper) else "weight has NaN or Inf",
     )
 
 
