@@ -58,13 +58,13 @@ ModelsArg = Annotated[list[Path], typer.Argument(help="Model files: .onnx, Torch
 InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Input size, batch first, e.g. 1,3,224,224. Needed for TorchScript and pickled modules; overrides an ONNX model's own.")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]
-TolOpt = Annotated[float, typer.Option("--tol", help="Power iteration stops when the relative change of sigma is below this.")]
-MaxItersOpt = Annotated[int, typer.Option("--max-iters", help="Power iteration stops after this many iterations (reported as not converged).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the power-iteration start vectors.")]
+TolOpt = Annotated[float, typer.Option("--tol", help="An estimate stops when the relative change of sigma between steps is below this.")]
+MaxItersOpt = Annotated[int, typer.Option("--max-iters", help="An estimate stops after this many steps (reported as not converged).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the start vectors (results are reproducible).")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto takes the GPU when torch sees one.")]
 MethodOpt = Annotated[Method, typer.Option("--method", help="lanczos (Krylov, fewer iterations) or power (plain power iteration, the reference).")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Precision of the estimates (certified bounds always use float64).")]
-TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow loading files that run code when unpickled (pickled modules, .pt2). Only for files you trust.")]
+TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow what runs code from the file: unpickling modules, .pt2 archives, tracing or rewriting TorchScript. Only for files you trust.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (shown only on a terminal).")]
 
 

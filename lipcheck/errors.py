@@ -31,7 +31,9 @@ Which input raises which error (all exit 2):
     a pickle ``__reduce__`` payload (torch.save zip, legacy torch.save, raw pickle); a
     checkpoint naming non-tensor globals (``argparse.Namespace``, numpy scalars/arrays);
     a pickled ``nn.Module``; a ``torch.export`` archive; a TorchScript archive whose
-    weights name Python globals. torch's own allow-list suggestions are never applied.
+    weights name Python globals, or that would be traced (``--input-shape``) or rewritten
+    (``normalize``), both of which run its code. torch's own allow-list suggestions are
+    never applied.
 ``UnsupportedInputError``
     HDF5, GGUF, TFLite, NumPy ``.npy``, gzip/bz2/xz/zstd-compressed files, and zip
     archives that are not torch files.
