@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,19 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-
-def fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf"
-    return f"{value:.6g}"
-
-
-def _shape(shape: list[int | None] | None) -> str:
-    return "x".join("?" if d is None else str(d) for d in shape) if shape else "-"
+from .writers import fmt
 
 
 def _iters(iterations: int | None, converged: bool | None) -> str:
@@ -48,7 +35,7 @@ def table(doc: dict[str, Any]) -> Table:
     t.add_column("iters", justify="right", no_wrap=True)
     t.add_column("bound", justify="right", no_wrap=True)
     for r in doc["layers"]:
-        t.add_row(r["name"], r["op"], _shape(r["input_shape"]), fmt(r["sigma"]), fmt(r["sigma_matrix"]),
+        t.add_row(r["name"], r["op"], fmt(r["input_shape"] or None), fmt(r["sigma"]), fmt(r["sigma_matrix"]),
                   fmt(r["sigma_upper"]), _iters(r["iterations"], r["converged"]), fmt(r["bound"]))
     return t
 
