@@ -409,8 +409,8 @@ def _parametrize(module: nn.Module, changes: list[LayerChange], modules: dict[st
     for c in changes:
         if c.scale is None or c.weight is None:
             continue
-        path = modules.get(c.name, "")
-        sub = module.get_submodule(path) if path or c.name in modules else None
+        path = modules[c.name]  # every rescaled layer has a module (see _write_parametrized)
+        sub = module.get_submodule(path)
         if isinstance(sub, PARAMETRIZABLE) and not P.is_parametrized(sub, "weight"):
             original = sub.weight.detach().clone()
             spectral_norm(sub)
@@ -422,8 +422,7 @@ def _parametrize(module: nn.Module, changes: list[LayerChange], modules: dict[st
             P.register_parametrization(sub, "weight", Scale(c.scale * ratio))
             layers[path] = c.scale * ratio
         else:
-            key = f"{path}.weight" if path else c.weight
-            baked[key] = c.scale
+            baked[f"{path}.weight"] = c.scale
     if baked:
         _scale_module(module, baked)
     return layers
