@@ -240,13 +240,7 @@ def _scale_module(module: torch.nn.Module, scales: dict[str, float]) -> None:
 def _rewrite_checkpoint(obj: Any, scales: dict[str, float]) -> Any:
     """Scale the named tensors inside a state_dict or checkpoint dict; every other entry
     (optimizer state, epoch, config) is kept as it was."""
-    from .formats.torch_format import STATE_KEYS, _is_tensor_dict
-
-    def strip(key: str) -> str:
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                return key[len(prefix):]
-        return key
+    from .formats.torch_format import STATE_KEYS, _is_tensor_dict, stripped_names
 
     container = obj
     if not _is_tensor_dict(obj):
@@ -255,8 +249,9 @@ def _rewrite_checkpoint(obj: Any, scales: dict[str, float]) -> Any:
                 container = obj[key]
                 break
     todo = dict(scales)
+    names = stripped_names([str(k) for k in container])  # the names the loader reported
     for key in list(container):
-        name = strip(str(key))
+        name = names[str(key)]
         if name in todo and isinstance(container[key], torch.Tensor):
             container[key] = _scaled(container[key], todo.pop(name))
     if todo:

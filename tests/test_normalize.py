@@ -12,19 +12,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from clihelp import run_cli as lipcheck
 from torch import nn
 
-from lipcheck.cli import run
 from lipcheck.testing import make_cnn, make_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
 
 
-def lipcheck(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def normalize_json(args: list[object], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict:
@@ -277,3 +273,17 @@ def test_parametrize_refuses_formats_without_modules(tmp_path: Path, capsys: pyt
     code, _, err = lipcheck(["normalize", SAMPLES / "mlp.state_dict.pt", "-o", out, "--mode", "parametrize"],
                             capsys)
     assert code == 2 and "--mode bake" in err and not out.exists()
+
+
+def test_mixed_prefix_checkpoint_keeps_its_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Only a prefix every key carries is dropped; the rewrite finds the same names."""
+    state = make_mlp()[0].state_dict()
+    mixed = {(f"module.{k}" if k.startswith("0.") else k): v for k, v in state.items()}
+    path, out = tmp_path / "mixed.pt", tmp_path / "mixed.norm.pt"
+    torch.save(mixed, path)
+    doc = normalize_json([path, "-o", out], tmp_path, capsys)
+    assert {c["name"] for c in doc["layers"] if c["scale"] is not None} == {"module.0", "2", "4"}
+    new = torch.load(out, weights_only=True)
+    assert set(new) == set(mixed)
+    for key in ("module.0.weight", "2.weight", "4.weight"):
+        assert float(torch.linalg.matrix_norm(new[key].double(), 2)) <= 1 + 1e-6

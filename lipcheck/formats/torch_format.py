@@ -426,12 +426,20 @@ def _walk_tensors(prefix: str, value: Any, out: dict[str, torch.Tensor], seen: s
         _walk_tensors(f"{prefix}.{k}" if prefix else str(k), v, out, seen)
 
 
-def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DataParallel / DistributedDataParallel save every key under 'module.'."""
+def stripped_names(keys: list[str]) -> dict[str, str]:
+    """Original key -> the name lipcheck reports. DataParallel / DistributedDataParallel
+    (and torch.compile) save every key under one prefix; it is removed only when all keys
+    carry it, so a mixed dict keeps its names."""
+    names = {k: k for k in keys}
     for prefix in ("module.", "_orig_mod."):
-        if tensors and all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    return tensors
+        if names and all(v.startswith(prefix) for v in names.values()):
+            names = {k: v[len(prefix):] for k, v in names.items()}
+    return names
+
+
+def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = stripped_names(list(tensors))
+    return {names[k]: v for k, v in tensors.items()}
 
 
 # --------------------------------------------------------------------------- TorchScript
