@@ -12,18 +12,13 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+from clihelp import run_cli as lipcheck
 from onnx import TensorProto, helper, numpy_helper
-
-from lipcheck.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
 
 
-def lipcheck(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_and_version_do_not_import_torch() -> None:

@@ -15,9 +15,9 @@ import jsonschema
 import pandas as pd
 import pytest
 import torch
+from clihelp import run_cli as lipcheck_cli
 
 import lipcheck
-from lipcheck.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
@@ -25,10 +25,6 @@ GOLDEN = Path(__file__).parent / "golden"
 SCHEMA = json.loads((ROOT / "lipcheck" / "schema.json").read_text())
 
 
-def lipcheck_cli(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def validate(doc: object) -> None:
