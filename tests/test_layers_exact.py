@@ -390,12 +390,12 @@ def test_circular_conv_singular_values_match_dft(case):
 @pytest.mark.parametrize("case", FFT_CASES, ids=[c[0] for c in FFT_CASES])
 def test_conv_fft_upper_bound_is_exact(case):
     """On its own grid the FFT bound is the circular conv's norm, up to the Gram iteration's
-    stopping gap (GRAM_TARGET_GAP) and CERT_SAFETY."""
+    candidate gap (CERT_GAP) and CERT_SAFETY."""
     _, out, cin_g, kernel, grid, dilation, groups = case
     w = seeded_randn(out, cin_g, *kernel, seed=len(grid) * 100 + out)
     exact = float(circular_conv_singular_values_numpy(w.numpy(), grid, dilation, groups).max())
     cert = spectral.conv_fft_upper_bound(w, grid=grid, dilation=dilation, groups=groups)
-    slack = SAFETY * (1 + spectral.GRAM_TARGET_GAP) * (1 + 1e-9)
+    slack = SAFETY * (1 + spectral.CERT_GAP) * (1 + 1e-9)
     assert exact * (1 - 1e-9) <= cert.value <= exact * slack, (cert.value, exact)
 
 

@@ -307,8 +307,13 @@ def conv(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if sel:
         fn = _through_selection(sel, fn, ctx)
         est_shape = (1, *sel.source_shape[1:])
-    est = spectral.operator_estimate(fn, est_shape, ctx.settings)
-    sigma = est.sigma * scale
+    if sel or transposed:
+        est = spectral.operator_estimate(fn, est_shape, ctx.settings)
+        sigma = est.sigma * scale
+    else:
+        est = spectral.conv_estimate(weight, est_shape, stride=strides, dilation=dilations, groups=groups,
+                                     pads=conv_pads, settings=ctx.settings)
+        sigma = est.sigma
     cert = _conv_certificate(weight.to(ctx.settings.device), spatial, kernel, strides, dilations, groups, conv_pads,
                              transposed, node, sigma, sel)
     row.sigma, row.iterations, row.converged = sigma, est.iterations, est.converged
