@@ -62,7 +62,7 @@ LANCZOS_BASIS = 32
 LANCZOS_CHECK_GPU = 8  # steps between convergence checks (host reads) on a GPU
 LANCZOS_KEEP = 10  # Ritz vectors kept at a restart
 DGKS_ETA = 0.7071  # a reorthogonalisation pass is repeated when it leaves less than this of w
-LANCZOS_MIN_GAP_STEPS = 6  # basis size before the Ritz gap is trusted for the error estimate
+LANCZOS_MIN_GAP_STEPS = 20  # basis size before the Ritz gap is trusted for the error estimate
 
 
 @dataclass(frozen=True)
