@@ -116,12 +116,45 @@ def _set_input_shape(model: onnx.ModelProto, name: str, dims: tuple[int, ...]) -
         return
 
 
+# Initializers up to this many elements go into the copy shape inference sees (shape and index
+# tensors are among them); larger ones, weights, are described there by name, type and shape only.
+SHAPE_CONST_LIMIT = 1 << 12
+
+
+def _shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference without the weights' bytes: each large
+    initializer becomes a typed graph input of the same shape. Shape inference serialises
+    the model it is given, so a full copy would hold the weights two or three more times."""
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sk.functions.extend(model.functions)
+    g = sk.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    g.sparse_initializer.extend(model.graph.sparse_initializer)
+    inputs = {i.name for i in g.input}
+    for t in model.graph.initializer:
+        if math.prod(t.dims) <= SHAPE_CONST_LIMIT:
+            g.initializer.add().CopyFrom(t)
+        elif t.name not in inputs:
+            vi = g.input.add()
+            vi.name = t.name
+            vi.type.tensor_type.elem_type = t.data_type
+            vi.type.tensor_type.shape.SetInParent()
+            for d in t.dims:
+                vi.type.tensor_type.shape.dim.add().dim_value = d
+    return sk
+
+
 def build_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None) -> Graph:
     """Turn a loaded ONNX model (external data already in memory) into a Graph."""
-    model_copy = onnx.ModelProto()
-    model_copy.CopyFrom(model)
-    model = model_copy
-    init_names = {t.name for t in model.graph.initializer}
+    source = model
+    model = _shape_skeleton(source)
+    init_names = {t.name for t in source.graph.initializer}
     data_inputs = [i.name for i in model.graph.input if i.name not in init_names]
     if input_shape is not None:
         if not data_inputs:
@@ -153,7 +186,7 @@ def build_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = No
         if dims is not None:
             graph.shapes[vi.name] = dims
 
-    for init in model.graph.initializer:
+    for init in source.graph.initializer:
         try:
             arr = numpy_helper.to_array(init)
         except Exception as exc:  # noqa: BLE001

@@ -31,7 +31,7 @@ CERT_GAP = 1e-7
 CERT_MAX_ROUNDS = 8  # Cholesky rounds before the exact-eigenvalue / Gram-iteration fallback
 CERT_EIG_BATCH = 4  # exact top eigenvalues computed per failed round
 CERT_POWER_STEPS = 8  # batched power steps for the first candidate
-FREQ_CHUNK_BYTES = 1 << 27  # kernel-DFT matrices held at once by the FFT certificate
+FREQ_CHUNK_BYTES = 1 << 25  # kernel-DFT matrices held at once by the FFT certificate
 GRAM_MAX_STEPS = 14  # squarings of the Gram-iteration fallback
 
 Shape = tuple[int, ...]
