@@ -58,7 +58,7 @@ ModelsArg = Annotated[list[Path], typer.Argument(help="Model files: .onnx, Torch
 InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Input size, batch first, e.g. 1,3,224,224. Needed for TorchScript and pickled modules; overrides an ONNX model's own.")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]
-TolOpt = Annotated[float, typer.Option("--tol", help="An estimate stops when the relative change of sigma between steps is below this.")]
+TolOpt = Annotated[float, typer.Option("--tol", help="Relative accuracy an estimate stops at: Lanczos by its residual test, power iteration when sigma changes by less than this between steps.")]
 MaxItersOpt = Annotated[int, typer.Option("--max-iters", help="An estimate stops after this many steps (reported as not converged).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the start vectors (results are reproducible).")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto takes the GPU when torch sees one.")]

@@ -8,7 +8,7 @@ Two kinds of number come out of this module and must never be confused:
   converges from below, so the estimate is a *lower* bound on the largest
   singular value, and only close to it once converged;
 * a **certificate** (``Certificate.value``), an upper bound that holds whatever
-  the spectrum looks like (Gram iteration, circular-convolution FFT, Schur test).
+  the spectrum looks like (Cholesky-verified candidates, circular-convolution FFT, Schur test).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class Certificate:
 
 
 METHODS = ("lanczos", "power")
-# Krylov subspace size before an explicit restart from the current Ritz vector: bounds the
-# basis memory at LANCZOS_BASIS vectors of the input's size.
+# Krylov subspace size before a thick restart: bounds the basis memory at LANCZOS_BASIS
+# vectors of the input's size.
 LANCZOS_BASIS = 32
 LANCZOS_CHECK_GPU = 8  # steps between convergence checks (host reads) on a GPU
 LANCZOS_KEEP = 10  # Ritz vectors kept at a restart

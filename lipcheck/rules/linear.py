@@ -362,7 +362,7 @@ def _conv_transpose_pads(node: Node, g, spatial, kernel, strides, dilations):  #
 def _conv_certificate(weight, spatial, kernel, strides, dilations, groups, conv_pads,  # type: ignore[no-untyped-def]
                       transposed, node, estimate, sel) -> spectral.Certificate:
     """A certified bound on the conv at this input size; ``estimate`` (a lower bound on its
-    norm, from power iteration) only decides when the Gram iteration may stop."""
+    norm, from Lanczos or power iteration) is only the first candidate the certificate tries."""
     estimate = estimate if math.isfinite(estimate) else 0.0
     d = len(kernel)
     k_eff = [(kernel[i] - 1) * dilations[i] + 1 for i in range(d)]
