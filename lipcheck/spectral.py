@@ -289,17 +289,20 @@ def operator_estimate(fn: LinearMap, input_shape: Shape, settings: Settings) -> 
 
 
 def conv_estimate(weight: torch.Tensor, input_shape: Shape, *, stride: Sequence[int], dilation: Sequence[int],
-                  groups: int, pads: Sequence[tuple[int, int]], settings: Settings) -> Estimate:
-    """Largest singular value of a bias-free, zero-padded convolution on ``input_shape``.
+                  groups: int, pads: Sequence[tuple[int, int]], settings: Settings, transposed: bool = False,
+                  output_padding: Sequence[int] | None = None,
+                  wrap: Callable[[LinearMap], LinearMap] | None = None) -> Estimate:
+    """Largest singular value of a bias-free, zero-padded (or transposed) convolution on
+    ``input_shape``; ``wrap`` composes the conv with a map before it (a selection of its input).
 
-    A 1x1 convolution applies the same (block-diagonal, per group) matrix at every output
+    A plain 1x1 convolution applies the same (block-diagonal, per group) matrix at every output
     position, each reading its own input position: its operator norm is exactly that
     matrix's norm, found on the small matrix instead of the whole feature map. It is zero
     when no output reads a real input (padding and stride miss them all). Every other
     convolution is iterated as the linear map it is.
     """
     w = weight.detach()
-    if all(n == 1 for n in w.shape[2:]) and w.numel() > 0:
+    if all(n == 1 for n in w.shape[2:]) and w.numel() > 0 and not transposed and wrap is None:
         reaches = True
         for i, length in enumerate(input_shape[2:]):
             begin, end = pads[i]
@@ -319,7 +322,10 @@ def conv_estimate(weight: torch.Tensor, input_shape: Shape, *, stride: Sequence[
     if scale == 0.0:
         return Estimate(0.0, 1, True)
     w_run = (w / scale).to(device=settings.device, dtype=settings.dtype)
-    fn = conv_forward(w_run, stride=stride, dilation=dilation, groups=groups, pads=pads)
+    fn = conv_forward(w_run, stride=stride, dilation=dilation, groups=groups, pads=pads, transposed=transposed,
+                      output_padding=output_padding)
+    if wrap is not None:
+        fn = wrap(fn)
     est = operator_estimate(fn, input_shape, settings)
     return Estimate(est.sigma * scale, est.iterations, est.converged)
 

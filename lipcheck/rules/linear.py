@@ -294,26 +294,18 @@ def conv(ctx: Context, node: Node, data: list[int]) -> Outcome:
         row.note = "input size unknown: size-independent upper bound, no estimate (pass --input-shape)"
         return Outcome(factors={0: cert.value}, row=row)
 
-    # Scale the weight to max |w| = 1 for the iteration (keeps |A^T A x| in float32 range).
-    scale = float(weight.abs().max()) or 1.0
-    w_run = (weight / scale).to(device=ctx.settings.device, dtype=ctx.settings.dtype)
-    if transposed:
-        opad = [int(v) for v in node.attrs.get("output_padding", [0] * d)]
-        fn = spectral.conv_forward(w_run, stride=strides, dilation=dilations, groups=groups, pads=conv_pads,
-                                   transposed=True, output_padding=opad)
-    else:
-        fn = spectral.conv_forward(w_run, stride=strides, dilation=dilations, groups=groups, pads=conv_pads)
     est_shape = (1, weight.shape[0] if transposed else weight.shape[1] * groups, *spatial)
+    wrap = None
     if sel:
-        fn = _through_selection(sel, fn, ctx)
+        def wrap(fn: spectral.LinearMap) -> spectral.LinearMap:
+            return _through_selection(sel, fn, ctx)
+
         est_shape = (1, *sel.source_shape[1:])
-    if sel or transposed:
-        est = spectral.operator_estimate(fn, est_shape, ctx.settings)
-        sigma = est.sigma * scale
-    else:
-        est = spectral.conv_estimate(weight, est_shape, stride=strides, dilation=dilations, groups=groups,
-                                     pads=conv_pads, settings=ctx.settings)
-        sigma = est.sigma
+    opad = [int(v) for v in node.attrs.get("output_padding", [0] * d)] if transposed else None
+    est = spectral.conv_estimate(weight, est_shape, stride=strides, dilation=dilations, groups=groups,
+                                 pads=conv_pads, settings=ctx.settings, transposed=transposed,
+                                 output_padding=opad, wrap=wrap)
+    sigma = est.sigma
     cert = _conv_certificate(weight.to(ctx.settings.device), spatial, kernel, strides, dilations, groups, conv_pads,
                              transposed, node, sigma, sel)
     row.sigma, row.iterations, row.converged = sigma, est.iterations, est.converged
