@@ -24,6 +24,7 @@ import torch.nn.functional as F
 # Certificates are computed in float64. Rounding in a float64 matmul/FFT chain of
 # the sizes seen in networks is below 1e-9 relative; this factor covers it with room.
 CERT_SAFETY = 1.0 + 1e-6
+UNIT_ROUNDOFF = torch.finfo(torch.float64).eps / 2  # u in the rounding margins below
 
 # A certificate is proven at (1 + CERT_GAP) times the best lower bound found, so it is that
 # tight (plus rounding margins); see SigmaMaxBound.
@@ -415,8 +416,7 @@ def conv_fft_upper_bound(
     # rounding of the tap products and of the sums over offsets, per Gram entry at most
     # (rows_g + 2 T^2) u |K|ᵀ|K| summed over pairs: in norm <= that times (sum_t ||K_t||_F)^2
     tap_fro = torch.linalg.matrix_norm(kern, "fro").sum(dim=1).max()
-    u = torch.finfo(torch.float64).eps / 2
-    gram_error = 2 * (kern.shape[-2] + 2 * len(taps) ** 2 + 4) * u * float(tap_fro) ** 2
+    gram_error = 2 * (kern.shape[-2] + 2 * len(taps) ** 2 + 4) * UNIT_ROUNDOFF * float(tap_fro) ** 2
 
     axes = [torch.arange(g, dtype=torch.float64, device=w.device) for g in grid[:-1]]
     axes.append(torch.arange(grid[-1] // 2 + 1, dtype=torch.float64, device=w.device))
@@ -473,8 +473,7 @@ class SigmaMaxBound:
         a = a / scale  # entries <= 1: no overflow in the products; undone below
         g = a.mH @ a
         tr_max = float(torch.diagonal(g, dim1=-2, dim2=-1).real.sum(-1).max())
-        u = torch.finfo(torch.float64).eps / 2
-        self.add_gram(g, 2 * (a.shape[-2] + 2) * u * tr_max, scale**2)
+        self.add_gram(g, 2 * (a.shape[-2] + 2) * UNIT_ROUNDOFF * tr_max, scale**2)
 
     def add_gram(self, g: torch.Tensor, gram_error: float = 0.0, unit: float = 1.0) -> None:
         """Hermitian positive semi-definite ``g`` (B, n, n), in units of ``unit``, computed
@@ -505,8 +504,7 @@ class SigmaMaxBound:
             t = max(t, float(torch.linalg.eigvalsh(g[pending])[:, -1].max()))
             t = max(t, _gram_iteration_bound(g[pending]))
         tr_max = float(torch.diagonal(g, dim1=-2, dim2=-1).real.sum(-1).max())
-        u = torch.finfo(torch.float64).eps / 2
-        margin = gram_error + 2 * (n + 2) * u * (n * t + tr_max)
+        margin = gram_error + 2 * (n + 2) * UNIT_ROUNDOFF * (n * t + tr_max)
         self._t = t * unit
         self._margin = max(self._margin, margin * unit)
 

@@ -389,7 +389,7 @@ def test_circular_conv_singular_values_match_dft(case):
 
 @pytest.mark.parametrize("case", FFT_CASES, ids=[c[0] for c in FFT_CASES])
 def test_conv_fft_upper_bound_is_exact(case):
-    """On its own grid the FFT bound is the circular conv's norm, up to the Gram iteration's
+    """On its own grid the FFT bound is the circular conv's norm, up to the certificate's
     candidate gap (CERT_GAP) and CERT_SAFETY."""
     _, out, cin_g, kernel, grid, dilation, groups = case
     w = seeded_randn(out, cin_g, *kernel, seed=len(grid) * 100 + out)
