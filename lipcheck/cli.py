@@ -183,6 +183,7 @@ def check(
     max_layer_sigma: Annotated[float | None, typer.Option("--max-layer-sigma", help="Fail when any layer's sigma is above this.")] = None,
     baseline: Annotated[Path | None, typer.Option("--baseline", help="An earlier `inspect --format json` report to compare against.")] = None,
     max_increase: Annotated[str, typer.Option("--max-increase", help="With --baseline: allowed growth of the bound and of each layer, e.g. 10%.")] = "0%",
+    allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="With --baseline: compare the layers found on both sides by name and pass when some are on one side only (by default such a layer fails the gate).")] = False,
     bound: Annotated[str, typer.Option("--bound", help="certified (upper bounds, the default) or estimate (power iteration, lower bounds).")] = "certified",
     input_shape: InputShapeOpt = None,
     format: FormatOpt = OutputFormat.table,
@@ -214,7 +215,8 @@ def check(
     for doc in docs:
         base = gate.load_baseline(baseline, doc["model"]["path"]) if baseline is not None else None
         results += gate.evaluate(doc, max_lipschitz=max_lipschitz, max_layer_sigma=max_layer_sigma,
-                                 baseline=base, max_increase=increase, bound=bound)
+                                 baseline=base, max_increase=increase, bound=bound,
+                                 allow_unmatched=allow_unmatched)
     if format is OutputFormat.table:
         from .render import check_table
 

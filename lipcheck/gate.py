@@ -65,8 +65,13 @@ def _layer_value(row: dict[str, Any], bound: str) -> float | None:
 
 def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
              max_layer_sigma: float | None = None, baseline: dict[str, Any] | None = None,
-             max_increase: float | None = None, bound: str = "certified") -> list[RuleResult]:
-    """Every rule's verdict for one inspect report (as its JSON document)."""
+             max_increase: float | None = None, bound: str = "certified",
+             allow_unmatched: bool = False) -> list[RuleResult]:
+    """Every rule's verdict for one inspect report (as its JSON document).
+
+    Against a baseline, layers are matched by name; a weighted layer present on one side
+    only fails the ``baseline-match`` rule unless ``allow_unmatched`` (a baseline of another
+    model, or of another export of it, must not pass by comparing nothing)."""
     if bound not in ("certified", "estimate"):
         raise UsageError(f"--bound must be certified or estimate, got {bound}")
     model = doc["model"]["path"]
@@ -110,16 +115,43 @@ def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
                                       f"largest layer sigma {worst[0]:.6g} ({worst[1]}) <= "
                                       f"{max_layer_sigma:.6g}"))
     if baseline is not None:
-        results.extend(_against_baseline(doc, baseline, max_increase or 0.0, bound))
+        results.extend(_against_baseline(doc, baseline, max_increase or 0.0, bound, allow_unmatched))
     if bound == "estimate":
         for r in results:
             r.message += " [estimate: a lower bound, not a guarantee]"
     return results
 
 
-def _against_baseline(doc: dict[str, Any], base: dict[str, Any], inc: float, bound: str) -> list[RuleResult]:
+def _names(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _match(doc: dict[str, Any], base: dict[str, Any], allow_unmatched: bool) -> RuleResult:
+    """How many weighted layers the baseline comparison covers, and which it cannot."""
+    new = [r["name"] for r in doc["layers"] if r.get("kind") in GATED_KINDS]
+    old = [r["name"] for r in base["layers"] if r.get("kind") in GATED_KINDS]
+    only_new = [n for n in new if n not in set(old)]
+    only_old = [n for n in old if n not in set(new)]
+    compared = len(new) - len(only_new)
+    total = compared + len(only_new) + len(only_old)
+    text = f"{compared} of {total} layers matched the baseline by name"
+    if not only_new and not only_old:
+        return RuleResult(doc["model"]["path"], "baseline-match", compared > 0, compared, total,
+                          text if compared else "no layer to compare with the baseline")
+    parts = ([f"not in the baseline: {_names(only_new)}"] if only_new else []) + (
+        [f"missing from the model: {_names(only_old)}"] if only_old else [])
+    text = f"{text}; {'; '.join(parts)}"
+    if allow_unmatched:
+        return RuleResult(doc["model"]["path"], "baseline-match", compared > 0, compared, total,
+                          text + " (allowed by --allow-unmatched)")
+    return RuleResult(doc["model"]["path"], "baseline-match", False, compared, total,
+                      text + " (pass --allow-unmatched to compare only the matched layers)")
+
+
+def _against_baseline(doc: dict[str, Any], base: dict[str, Any], inc: float, bound: str,
+                      allow_unmatched: bool = False) -> list[RuleResult]:
     model = doc["model"]["path"]
-    out: list[RuleResult] = []
+    out: list[RuleResult] = [_match(doc, base, allow_unmatched)]
     new, old = _network_value(doc, bound), _network_value(base, bound)
     if old is not None:
         limit = old * (1 + inc)

@@ -8,6 +8,7 @@ static shape of each value where ONNX shape inference or the user supplied one.
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 import warnings
@@ -46,6 +47,7 @@ class Node:
     has_subgraph: bool = False
     attr_protos: list[onnx.AttributeProto] = field(default_factory=list)
     onnx_name: str = ""  # the node's name in the file (``name`` is lipcheck's display name)
+    scope: str | None = None  # the torch module path the exporter recorded (see module_path)
 
 
 @dataclass
@@ -213,6 +215,7 @@ def build_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = No
             has_subgraph=has_sub,
             attr_protos=list(proto.attribute),
             onnx_name=proto.name,
+            scope=module_path(proto),
         )
         graph.nodes.append(node)
         for out in node.outputs:
@@ -383,39 +386,114 @@ def _evaluate(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] |
 
 WEIGHT_SLOT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "BatchNormalization": 1, "LSTM": 1,
                "GRU": 1, "RNN": 1, "PRelu": 1}
+# Suffixes of a stored weight's name that a layer's name drops: a plain parameter, and the
+# two ways torch keeps a spectrally normalized one (``torch.nn.utils.spectral_norm`` and
+# ``torch.nn.utils.parametrizations.spectral_norm``).
+WEIGHT_SUFFIXES = (".parametrizations.weight.original", ".weight_orig", ".weight")
+# torch's dynamo exporter records each node's module scopes here, outermost first, the
+# last entry being the FX node itself: ['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d'].
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
-def _scope_name(node: Node) -> str:
-    """torch's exporter names nodes '/<module path>/<Op>[_n]': the module path, dotted,
-    is the name a torch user knows ('/layer1/0/relu/Relu' -> 'layer1.0.relu')."""
-    parts = [p for p in node.name.split("/") if p]
-    if len(parts) > 1 and node.name.startswith("/") and re.fullmatch(rf"{node.op}(_\d+)?", parts[-1]):
-        return ".".join(parts[:-1])
-    return node.name.lstrip("/")
+def module_path(proto: onnx.NodeProto) -> str | None:
+    """The torch module path (``layer1.0.conv1``) an exporter recorded for a node, '' for
+    an op of the root module, None when the node carries none.
+
+    The dynamo exporter stores the scopes in metadata. The TorchScript-based exporter names
+    nodes ``/<scope>/<scope>/<Op>[_n]``, where a scope is either a child's name relative to
+    the enclosing one (``/encoder/layers.0/attn``) or already the full path
+    (``/layer1/layer1.0/conv1``); both spell the same path once joined.
+    """
+    for prop in proto.metadata_props:
+        if prop.key == NAME_SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                return None
+            if isinstance(scopes, list) and all(isinstance(x, str) for x in scopes):
+                return scopes[-2] if len(scopes) >= 2 else ""
+            return None
+    parts = proto.name.split("/")
+    if not proto.name.startswith("/") or not re.fullmatch(rf"{re.escape(proto.op_type)}(_\d+)?", parts[-1]):
+        return None
+    path = ""
+    for part in parts[1:-1]:
+        if not part:
+            return None
+        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+    return path
+
+
+def _weight_name(graph: Graph, node: Node, uses: Counter[str]) -> str | None:
+    """The module path of a stored weight read only by this node, from the weight's own
+    name (``layer1.0.conv1.weight``); None when the name was made up by an exporter
+    (``onnx::Conv_196``, ``val_105``) or the tensor is shared (the dynamo exporter merges
+    equal initializers, so a shared name may belong to another layer)."""
+    slots = [WEIGHT_SLOT[node.op]] if node.op in WEIGHT_SLOT else []
+    if node.op in ("MatMul", "Gemm"):
+        slots = [1, 0]
+    for slot in slots:
+        src = graph.origin.get(node.inputs[slot]) if slot < len(node.inputs) else None
+        if src:
+            if uses[src] > 1:
+                return None
+            for suffix in WEIGHT_SUFFIXES:
+                if src.endswith(suffix) and len(src) > len(suffix):
+                    return src[: -len(suffix)]
+            return None
+    return None
+
+
+def _stored_weight(graph: Graph, node: Node) -> str | None:
+    """The stored tensor a weight op reads, whatever it is called."""
+    slots = [WEIGHT_SLOT[node.op]] if node.op in WEIGHT_SLOT else []
+    if node.op in ("MatMul", "Gemm"):
+        slots = [1, 0]
+    for slot in slots:
+        src = graph.origin.get(node.inputs[slot]) if slot < len(node.inputs) else None
+        if src:
+            return src
+    return None
 
 
 def _name_layers(graph: Graph, used: Counter[str]) -> None:
-    """Readable, unique names. First the ops with a stored weight take the weight's name
-    without '.weight' (so rows match state_dict keys); then the other ops on the data path
-    take their module scope ('3' for a block's residual Add), or scope.Op when that is
-    taken; constant and shape computations keep their node names."""
+    """Readable, unique names that do not depend on the exporter: a layer is named by the
+    torch module it came from (``layer1.0.conv1``), as a state_dict key names it.
+
+    Ops with a weight take the weight's parameter path when the exporter kept it, else the
+    module scope the exporter recorded (node names or dynamo metadata), else the stored
+    tensor's name. Then the other ops on the data path take their module scope ('3' for a
+    block's residual Add; the op type for a root-level op), or scope.Op when that is taken;
+    constant and shape computations keep their node names."""
     names: dict[int, str] = {}
+    uses: Counter[str] = Counter()
     for node in graph.nodes:
-        slots = [WEIGHT_SLOT[node.op]] if node.op in WEIGHT_SLOT else []
-        if node.op in ("MatMul", "Gemm"):
-            slots = [1, 0]
-        for slot in slots:
-            src = graph.origin.get(node.inputs[slot]) if slot < len(node.inputs) else None
-            if src:
-                names[node.index] = src[: -len(".weight")] if src.endswith(".weight") else src
-                break
+        src = _stored_weight(graph, node)
+        if src:
+            uses[src] += 1
+    for node in graph.nodes:
+        src = _stored_weight(graph, node)
+        if src is None and node.op not in WEIGHT_SLOT and node.op not in ("MatMul", "Gemm"):
+            continue
+        if src is None and not any(
+            i in graph.static for i in node.inputs[1:2] + node.inputs[:1] if i
+        ):
+            continue  # MatMul of two activations: not a weight op
+        name = _weight_name(graph, node, uses) or node.scope or (
+            src[: -len(".weight")] if src and src.endswith(".weight") else src)
+        if name:
+            names[node.index] = name
     taken = set(names.values())
     for node in graph.nodes:
         if node.index in names:
             continue
         on_path = any(o not in graph.static for o in node.outputs if o)
-        name = (_scope_name(node) if on_path else node.name) or f"{node.op}_{node.index}"
-        if on_path and name in taken and name != node.name:
+        if on_path and node.scope is not None:
+            name = node.scope or node.op
+        else:
+            name = node.name.lstrip("/") if on_path else node.name
+        name = name or f"{node.op}_{node.index}"
+        if on_path and name in taken and name != node.op:
             name = f"{name}.{node.op}"
         names[node.index] = name
         taken.add(name)
