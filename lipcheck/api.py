@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import spectral
+from . import snorm, spectral
 from .errors import UsageError
 from .report import LayerRow, ModelInfo, NetworkResult, Report, SkippedOp
 
@@ -159,6 +159,7 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
         if len(graph.inputs) > 1:
             notes.append(f"the model has {len(graph.inputs)} data inputs; the bound is with "
                          "respect to all of them concatenated")
+        snorm.mark_graph_rows(graph, comp.rows)
         report = Report(model=info, settings=settings_dict(settings), layers=comp.rows,
                         network=comp.network, skipped=comp.skipped, notes=notes)
         return Analysis(report, loaded, graph, comp)
@@ -191,6 +192,36 @@ def _float_weight(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     return t.detach().to(torch.float64), ""
 
 
+def _effective_weights(tensors: dict[str, torch.Tensor], skipped: list[SkippedOp]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str, int]], int]:
+    """The tensors with each spectrally normalized parameter replaced by the weight the
+    layer really uses (under ``<layer>.weight``, in the original's place), its u and v
+    dropped; per new key the SN style, a description and the dim SN reshapes along (1 for
+    a ConvTranspose); how many u/v tensors were dropped."""
+    found = snorm.find(tensors)
+    if not found:
+        return tensors, {}, 0
+    vectors = {k for sn in found.values() for k in (sn.u, sn.v)}
+    out: dict[str, torch.Tensor] = {}
+    notes: dict[str, tuple[str, str, int]] = {}
+    for key, t in tensors.items():
+        if key in vectors:
+            continue
+        sn = found.get(key)
+        if sn is None:
+            out[key] = t
+            continue
+        try:
+            w, sigma_uv, dim = snorm.effective_weight(t, tensors[sn.u], tensors[sn.v])
+        except (ValueError, RuntimeError) as exc:
+            skipped.append(SkippedOp(key, "tensor", f"spectral-norm vectors do not fit the weight: {exc}"))
+            continue
+        name = sn.layer + ".weight" if sn.layer != "weight" else "weight"
+        out[name] = w
+        notes[name] = (sn.style, snorm.describe(sn, sigma_uv), dim)
+    return out, notes, len(vectors)
+
+
 def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, notes: list[str],
                 progress: ProgressFn | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
     """Per-tensor numbers for weights without a graph: 2-D = a linear layer, 3-5-D = a
@@ -200,6 +231,7 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
     rows: list[LayerRow] = []
     skipped: list[SkippedOp] = []
     passive = 0  # biases and BatchNorm statistics: no effect on a Lipschitz constant
+    tensors, sn_notes, sn_vectors = _effective_weights(tensors, skipped)
     names = list(tensors)
     for i, key in enumerate(names):
         if progress is not None:
@@ -240,11 +272,18 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
                                  kind="linear", sigma=est.sigma, sigma_upper=cert.value,
                                  upper_method=cert.method, lipschitz=cert.value,
                                  iterations=est.iterations, converged=est.converged))
+            if key in sn_notes:
+                rows[-1].sigma_matrix = est.sigma  # a matrix's reshaped norm is its norm
         elif 3 <= t.ndim <= 5:
-            est = spectral.matrix_estimate(w.reshape(w.shape[0], -1), settings)
+            # A spectrally normalized ConvTranspose (SN reshapes it along dim 1) is reported
+            # with SN's own reshape; the certificate is the same for a conv and its adjoint.
+            transposed = key in sn_notes and sn_notes[key][2] == 1
+            reshaped = snorm.as_matrix(w, 1) if transposed else w.reshape(w.shape[0], -1)
+            est = spectral.matrix_estimate(reshaped, settings)
             cert = spectral.conv_reshape_upper_bound(w, 1)
             rows.append(LayerRow(
-                name=key if leaf != "weight" else layer, op=f"Conv{t.ndim - 2}d", kind="conv",
+                name=key if leaf != "weight" else layer,
+                op=f"Conv{'Transpose' if transposed else ''}{t.ndim - 2}d", kind="conv",
                 sigma_matrix=est.sigma, sigma_upper=cert.value, upper_method=cert.method,
                 lipschitz=cert.value, iterations=est.iterations, converged=est.converged,
                 note="no graph: input size unknown; sigma_upper holds for any input size, "
@@ -256,11 +295,18 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
         if how:
             rows[-1].note = f"{how} ({t.dtype}); " + (rows[-1].note or "")
             rows[-1].note = rows[-1].note.rstrip("; ")
+        if key in sn_notes:
+            style, text, _ = sn_notes[key]
+            rows[-1].spectral_norm = style
+            rows[-1].note = f"{text}; {rows[-1].note}" if rows[-1].note else text
     if progress is not None:
         progress(len(names), len(names), "")
     if passive:
         notes.append(f"{passive} bias / BatchNorm statistics tensors: they do not change a "
                      "Lipschitz constant")
+    if sn_vectors:
+        notes.append(f"{len(sn_notes)} spectrally normalized weights: each row is the weight the layer "
+                     f"uses in eval mode (W_orig / u.W_orig v, from the {sn_vectors} stored u, v vectors)")
     for row in rows:
         if row.lipschitz is not None and not math.isfinite(row.lipschitz):
             row.note = "weight has NaN or Inf"

@@ -33,6 +33,9 @@ WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "BatchNormalization": 1, "Gemm": No
 # The budget search aims this much below the budget, so re-measured certificates (which
 # may differ from the first run in their last digits) still land under it.
 BUDGET_MARGIN = 1e-3
+# The start of a skip reason for a selected layer whose weight cannot be rewritten: normalize
+# refuses to write when such a layer is above its target.
+CANNOT = "cannot be rewritten:"
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -49,6 +52,12 @@ class LayerChange:
     after_upper: float | None = None
     ok: bool | None = None
     after_name: str | None = None  # the layer's name in the output, when it differs
+    # How the layer's weight is rewritten: "scale" (the stored weight times scale),
+    # "divide-u" (a spectrally normalized weight: its stored u divided by scale, see
+    # lipcheck.snorm), "mul-node" (a weight computed in an ONNX graph: a Mul by scale
+    # inserted before the layer reads it).
+    rewrite: str | None = None
+    node: tuple[int, int] | None = field(default=None, repr=False)  # "mul-node": (node index, input)
 
 
 @dataclass
@@ -72,7 +81,7 @@ class NormalizeResult:
             "after": self.after.to_dict() if self.after else None,
             "output": self.output,
             "budget": self.budget,
-            "layers": [asdict(c) for c in self.changes],
+            "layers": [{k: v for k, v in asdict(c).items() if k != "node"} for c in self.changes],
             "ok": self.ok,
             "failures": list(self.failures),
         })
@@ -84,34 +93,70 @@ def _selected(name: str, layers: list[str] | None, exclude: list[str] | None) ->
     return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
-def _graph_weights(analysis: Analysis) -> dict[str, tuple[str | None, str | None]]:
-    """Row name -> (weight source name, why it cannot be rewritten)."""
+@dataclass(frozen=True)
+class WeightRef:
+    """Where a layer's weight is rewritten: ``key`` is the tensor (or, for "mul-node", the
+    computed value) and ``how`` one of LayerChange.rewrite's values."""
+
+    key: str | None
+    how: str | None = None
+    why: str | None = None  # why it cannot be rewritten
+    node: int | None = None  # for "mul-node": the reading node's index and input slot
+    slot: int | None = None
+
+
+def _weight_slot(graph: Any, node: Any) -> int | None:
+    slot = WEIGHT_OPS[node.op]
+    if slot is None:  # Gemm / MatMul: the constant operand
+        consts = [k for k in (1, 0) if k < len(node.inputs) and node.inputs[k] in graph.static]
+        slot = consts[0] if consts else None
+    return slot
+
+
+def _graph_weights(analysis: Analysis) -> dict[str, WeightRef]:
+    """Row name -> where its weight is rewritten. A stored weight read by one layer is
+    scaled in place; a shared one, or one the graph computes (a spectral norm exported as
+    nodes), gets a Mul before the reading layer in an ONNX file. A torch model's computed
+    weight is found among its spectrally normalized parameters when written."""
     graph = analysis.graph
+    onnx_file = analysis.loaded.format == "onnx"
     uses: dict[str, int] = {}
-    found: dict[str, tuple[str | None, str | None]] = {}
+    slots: dict[str, tuple[Any, int | None, str | None]] = {}
     for node in graph.nodes:
         if node.op not in WEIGHT_OPS:
             continue
-        slot = WEIGHT_OPS[node.op]
-        if slot is None:  # Gemm / MatMul: the constant operand
-            consts = [k for k in (1, 0) if k < len(node.inputs) and node.inputs[k] in graph.static]
-            slot = consts[0] if consts else None
+        slot = _weight_slot(graph, node)
         src = graph.origin.get(node.inputs[slot]) if slot is not None else None
         if src is not None:
             uses[src] = uses.get(src, 0) + 1
-        found[node.name] = (src, None if src else "its weight is computed in the graph, not stored")
-    for name, (src, _) in found.items():
-        if src is not None and uses[src] > 1:
-            found[name] = (src, f"its weight '{src}' is shared by {uses[src]} layers")
+        slots[node.name] = (node, slot, src)
+    found: dict[str, WeightRef] = {}
+    for name, (node, slot, src) in slots.items():
+        if src is not None and uses[src] == 1:
+            found[name] = WeightRef(src, "scale")
+        elif slot is None or node.inputs[slot] not in graph.static:
+            found[name] = WeightRef(None, why="its weight is not a constant of the graph")
+        elif onnx_file:
+            found[name] = WeightRef(node.inputs[slot], "mul-node", node=node.index, slot=slot)
+        elif src is not None:
+            found[name] = WeightRef(src, why=f"its weight '{src}' is shared by {uses[src]} layers")
+        else:
+            found[name] = WeightRef(name, "divide-u")
     return found
 
 
-def _tensor_weights(analysis: Analysis) -> dict[str, tuple[str | None, str | None]]:
+def _tensor_weights(analysis: Analysis) -> dict[str, WeightRef]:
+    from . import snorm
+
     tensors = analysis.loaded.tensors or {}
+    sn = {w.layer: w for w in snorm.find(tensors).values()}
     out = {}
     for row in analysis.report.layers:
+        if row.name in sn:
+            out[row.name] = WeightRef(sn[row.name].u, "divide-u")
+            continue
         key = f"{row.name}.weight" if f"{row.name}.weight" in tensors else row.name
-        out[row.name] = (key, None) if key in tensors else (None, "no tensor of that name")
+        out[row.name] = WeightRef(key, "scale") if key in tensors else WeightRef(None, why="no tensor of that name")
     return out
 
 
@@ -126,12 +171,13 @@ def plan(analysis: Analysis, *, target: float | None, clip: bool, budget: float 
     for row in report.layers:
         if row.name not in weights:
             continue
-        key, why = weights[row.name]
-        change = LayerChange(row.name, row.op, key, row.lipschitz, None, None)
+        ref = weights[row.name]
+        change = LayerChange(row.name, row.op, ref.key, row.lipschitz, None, None, rewrite=ref.how,
+                             node=(ref.node, ref.slot) if ref.node is not None and ref.slot is not None else None)
         if not _selected(row.name, layers, exclude):
             change.skipped = "not selected"
-        elif why:
-            change.skipped = why
+        elif ref.why:
+            change.skipped = f"{CANNOT} {ref.why}"
         elif row.lipschitz is None or not math.isfinite(row.lipschitz):
             change.skipped = "weight has NaN or Inf"
         elif row.lipschitz == 0.0:
@@ -153,7 +199,22 @@ def plan(analysis: Analysis, *, target: float | None, clip: bool, budget: float 
             c.skipped = "already at or below the target (--clip)"
             continue
         c.scale = target / c.before
+    for c in changes:
+        if c.skipped and c.skipped.startswith(CANNOT):
+            c.target = target
     return changes
+
+
+def _refuse_unwritable(changes: list[LayerChange]) -> None:
+    """Nothing is written while a selected layer above its target cannot be rewritten:
+    a success message would be a lie about it."""
+    stuck = [c for c in changes if c.skipped and c.skipped.startswith(CANNOT) and c.target is not None
+             and (c.before is None or not c.before <= c.target)]
+    if stuck:
+        shown = "; ".join(f"{c.name} ({c.skipped[len(CANNOT):].strip()})" for c in stuck[:5])
+        more = f" and {len(stuck) - 5} more" if len(stuck) > 5 else ""
+        raise UsageError(f"cannot normalize {len(stuck)} selected layer(s) above the target: {shown}{more}; "
+                         "nothing was written (leave them out with --exclude)")
 
 
 def _scales_at(active: list[LayerChange], t: float, clip: bool) -> dict[str, float]:
@@ -203,13 +264,56 @@ def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
     return (t.detach().to(torch.float64) * s).to(t.dtype)
 
 
-def _rewrite_onnx(model: Any, scales: dict[str, float]) -> Any:
+@dataclass
+class Rewrite:
+    """What normalize changes in the written file."""
+
+    scales: dict[str, float] = field(default_factory=dict)  # stored tensor -> factor
+    sn_layers: dict[str, float] = field(default_factory=dict)  # SN layer path -> factor on W
+    muls: dict[tuple[int, int], float] = field(default_factory=dict)  # (node, input) -> Mul factor
+
+    @classmethod
+    def of(cls, changes: list[LayerChange]) -> Rewrite:
+        out = cls()
+        for c in changes:
+            if c.scale is None or not c.weight:
+                continue
+            if c.rewrite == "divide-u":
+                out.sn_layers[c.weight] = c.scale
+            elif c.rewrite == "mul-node":
+                assert c.node is not None
+                out.muls[c.node] = c.scale
+            else:
+                out.scales[c.weight] = c.scale
+        return out
+
+    def tensor_scales(self, tensors: Any) -> dict[str, float]:
+        """Stored tensor -> factor, the spectrally normalized layers resolved against the
+        writer's tensors: W = W_orig / u.W_orig v grows by s when u is divided by s."""
+        from . import snorm
+
+        out = dict(self.scales)
+        if not self.sn_layers:
+            return out
+        by_u = {w.u: w for w in snorm.find(tensors).values()}
+        by_layer = {w.layer: w for w in by_u.values()}
+        for key, s in self.sn_layers.items():
+            sn = by_u.get(key) or by_layer.get(key)
+            if sn is None:
+                raise InputError(f"layer {key}: its weight is computed in the model and is not a torch "
+                                 "spectral norm lipcheck can rewrite; exclude it with --exclude")
+            out[sn.u] = 1.0 / s
+        return out
+
+
+def _rewrite_onnx(model: Any, rewrite: Rewrite) -> Any:
     import onnx
     from onnx import numpy_helper
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    todo = dict(scales)
+    _insert_muls(out, rewrite.muls)
+    todo = dict(rewrite.scales)
     for i, init in enumerate(out.graph.initializer):
         if init.name in todo:
             arr = numpy_helper.to_array(init)
@@ -227,8 +331,49 @@ def _rewrite_onnx(model: Any, scales: dict[str, float]) -> Any:
     return out
 
 
-def _scale_module(module: torch.nn.Module, scales: dict[str, float]) -> None:
+def _insert_muls(model: Any, muls: dict[tuple[int, int], float]) -> None:
+    """A weight the graph computes (a spectral norm exported as nodes, or a tensor several
+    layers share) is scaled for one layer by a Mul between it and that layer: the layer
+    then computes with exactly factor x its old weight, and nothing else changes."""
+    from onnx import helper, numpy_helper
+
+    taken = {v for n in model.graph.node for v in (*n.input, *n.output)}
+    taken |= {t.name for t in model.graph.initializer}
+    new_nodes = []
+    for (index, slot), factor in sorted(muls.items()):
+        node = model.graph.node[index]
+        value = node.input[slot]
+        dtype = _value_dtype(model, value)
+        base = f"lipcheck_scale_{index}_{slot}"
+        k = 0
+        while f"{base}_{k}" in taken or f"{base}_{k}_out" in taken:
+            k += 1
+        const, scaled = f"{base}_{k}", f"{base}_{k}_out"
+        taken |= {const, scaled}
+        model.graph.initializer.append(numpy_helper.from_array(np.array(factor, dtype=dtype), const))
+        new_nodes.append((index, helper.make_node("Mul", [value, const], [scaled], name=f"{base}_{k}/Mul")))
+        node.input[slot] = scaled
+    # Each Mul goes right before the node that reads it, so the graph stays topologically sorted.
+    for index, mul in sorted(new_nodes, key=lambda t: -t[0]):
+        model.graph.node.insert(index, mul)
+
+
+def _value_dtype(model: Any, value: str) -> Any:
+    """The numpy dtype of a float value in the graph (the weight's), float32 if unknown."""
+    from onnx import helper
+
+    for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output):
+        if vi.name == value and vi.type.tensor_type.elem_type:
+            return helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    for t in model.graph.initializer:
+        if t.name == value:
+            return helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.float32
+
+
+def _scale_module(module: torch.nn.Module, rewrite: Rewrite) -> None:
     state = module.state_dict(keep_vars=True)
+    scales = rewrite.tensor_scales(state)
     missing = sorted(set(scales) - set(state))
     if missing:
         raise InputError(f"weights not found in the module: {', '.join(missing)}")
@@ -237,7 +382,7 @@ def _scale_module(module: torch.nn.Module, scales: dict[str, float]) -> None:
             state[key].copy_(_scaled(state[key], s))
 
 
-def _rewrite_checkpoint(obj: Any, scales: dict[str, float]) -> Any:
+def _rewrite_checkpoint(obj: Any, rewrite: Rewrite) -> Any:
     """Scale the named tensors inside a state_dict or checkpoint dict; every other entry
     (optimizer state, epoch, config) is kept as it was."""
     from .formats.torch_format import STATE_KEYS, _is_tensor_dict, stripped_names
@@ -248,8 +393,8 @@ def _rewrite_checkpoint(obj: Any, scales: dict[str, float]) -> Any:
             if _is_tensor_dict(obj.get(key)):
                 container = obj[key]
                 break
-    todo = dict(scales)
     names = stripped_names([str(k) for k in container])  # the names the loader reported
+    todo = rewrite.tensor_scales({names[str(k)]: v for k, v in container.items()})
     for key in list(container):
         name = names[str(key)]
         if name in todo and isinstance(container[key], torch.Tensor):
@@ -324,9 +469,10 @@ def _write_parametrized(analysis: Analysis, source: Path, output: Path, changes:
     paths = _module_paths(analysis, module, changes)
     for c in changes:
         if c.scale is not None and c.name not in paths:
-            c.scale, c.skipped = None, "no matching module to parametrize"
+            c.scale, c.skipped = None, f"{CANNOT} no matching module to parametrize"
         elif c.scale is not None and analysis.loaded.format == "onnx":
             c.after_name = paths[c.name]  # onnx2torch's module name becomes the weight's name
+    _refuse_unwritable(changes)
     layers = _parametrize(module, changes, paths, seed)
     payload = {"format": parametrize.FORMAT, "layers": layers, "state_dict": module.state_dict()}
     _atomic(output, lambda buf: torch.save(payload, buf))
@@ -346,7 +492,7 @@ def _write_parametrized(analysis: Analysis, source: Path, output: Path, changes:
     return rebuild
 
 
-def _write(analysis: Analysis, source: Path, output: Path, scales: dict[str, float], trust: bool) -> None:
+def _write(analysis: Analysis, source: Path, output: Path, scales: Rewrite, trust: bool) -> None:
     fmt = analysis.loaded.format
     if fmt == "onnx":
         model = _rewrite_onnx(analysis.loaded.onnx_model, scales)
@@ -419,7 +565,7 @@ def _parametrize(module: nn.Module, changes: list[LayerChange], modules: dict[st
         else:
             baked[f"{path}.weight"] = c.scale
     if baked:
-        _scale_module(module, baked)
+        _scale_module(module, Rewrite(scales=baked))
     return layers
 
 
@@ -468,9 +614,10 @@ def normalize(
     check_output_path(source, output, in_place=in_place, force=force)
     before = run_analysis(source, input_shape, settings, trust=trust, progress=progress)
     changes = plan(before, target=target, clip=clip, budget=budget, layers=layers, exclude=exclude)
-    scales = {c.weight: c.scale for c in changes if c.scale is not None and c.weight}
+    scales = Rewrite.of(changes)
     if layers and not any(c.skipped != "not selected" for c in changes):
         raise UsageError(f"--layers {' '.join(layers)} matches no layer (see `lipcheck inspect` for names)")
+    _refuse_unwritable(changes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice is not ours to show
         if mode == "parametrize":
@@ -491,8 +638,9 @@ def normalize(
 
 
 def _verify(result: NormalizeResult, settings: spectral.Settings) -> None:
-    """The proof: every rescaled layer re-measured at or below its target, and the network
-    bound within the budget."""
+    """The proof, on the written file: every selected layer with a target (rescaled, or
+    left alone by --clip) re-measured at or below it, and the network bound within the
+    budget."""
     assert result.after is not None
     after_rows = {r.name: r for r in result.after.layers}
     for c in result.changes:
@@ -503,7 +651,7 @@ def _verify(result: NormalizeResult, settings: spectral.Settings) -> None:
                 result.failures.append(f"layer {c.name} was rescaled but is not found on re-inspection")
             continue
         c.after_sigma, c.after_upper = row.sigma, row.sigma_upper
-        if c.scale is None or c.target is None:
+        if c.target is None:
             continue
         # The estimate is a lower bound and must not exceed the target beyond the iteration
         # tolerance; without an estimate (a conv with no input size) the certificate, re-run

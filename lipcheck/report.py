@@ -22,6 +22,8 @@ class LayerRow:
     sigma_upper  certified upper bound on the op's constant, obtained by upper_method
     lipschitz    the constant the network bound uses for this op (certified)
     bound        certified bound from the network input to this op's output
+    spectral_norm which torch spectral normalization the stored weight carries, if any
+                 (the row then describes the effective weight W_orig / u.W_orig v)
     """
 
     name: str
@@ -37,6 +39,7 @@ class LayerRow:
     converged: bool | None = None
     bound: float | None = None
     note: str | None = None
+    spectral_norm: str | None = None
 
 
 @dataclass
