@@ -64,14 +64,18 @@ def analyze(
     method: str = "lanczos",
     trust: bool = False,
     progress: ProgressFn | None = None,
+    architecture: str | None = None,
 ) -> Report:
     """Analyse a model file or an in-memory ``nn.Module`` and return its Report.
 
     A module needs ``input_shape`` (batch first) to be traced; without it, and for
     a bare state_dict, only per-tensor numbers are reported and no network bound.
+    ``architecture`` (``"package.module:factory"``, needs ``trust``) builds the network a
+    state_dict or safetensors file belongs to, so it is analysed as a graph at ``input_shape``.
     """
     settings = make_settings(tol, max_iters, seed, device, dtype, method)
-    return run_analysis(source, input_shape, settings, trust=trust, progress=progress).report
+    return run_analysis(source, input_shape, settings, trust=trust, progress=progress,
+                        architecture=architecture).report
 
 
 def normalize(
@@ -94,6 +98,7 @@ def normalize(
     dtype: str = "float32",
     method: str = "lanczos",
     trust: bool = False,
+    architecture: str | None = None,
 ) -> Any:
     """Write a spectrally normalized copy of ``source`` to ``output`` and re-inspect it.
 
@@ -105,7 +110,7 @@ def normalize(
     settings = make_settings(tol, max_iters, seed, device, dtype, method)
     return run_normalize(source, output, target=target, clip=clip, budget=budget, layers=layers,
                          exclude=exclude, in_place=in_place, force=force, input_shape=input_shape,
-                         settings=settings, trust=trust, mode=mode)
+                         settings=settings, trust=trust, mode=mode, architecture=architecture)
 
 
 @dataclass
@@ -121,7 +126,7 @@ class Analysis:
 
 def run_analysis(source: str | Path | torch.nn.Module, input_shape: tuple[int, ...] | None,
                  settings: spectral.Settings, *, trust: bool = False,
-                 progress: ProgressFn | None = None) -> Analysis:
+                 progress: ProgressFn | None = None, architecture: str | None = None) -> Analysis:
     from .formats import Loaded
 
     if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
@@ -135,7 +140,7 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: tuple[int, .
         from .formats import load
 
         path = Path(source)
-        loaded = load(path, trust=trust, input_shape=input_shape)
+        loaded = load(path, trust=trust, input_shape=input_shape, architecture=architecture)
         info = ModelInfo(path=str(path), sha256=sha256_of(path), format=loaded.format)
     info.input_shape = list(input_shape) if input_shape else None
     return analyze_loaded(loaded, info, settings, progress)

@@ -65,6 +65,7 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="auto takes the GPU 
 MethodOpt = Annotated[Method, typer.Option("--method", help="lanczos (Krylov, fewer iterations) or power (plain power iteration, the reference).")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Precision of the estimates (certified bounds always use float64).")]
 TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow what runs code from the file: unpickling modules, .pt2 archives, tracing or rewriting TorchScript. Only for files you trust.")]
+ArchOpt = Annotated[str | None, typer.Option("--model", metavar="PACKAGE.MODULE:FACTORY", help="For a state_dict or safetensors file: the code that builds its network (package.module:factory or file.py:factory, called without arguments). The weights are loaded strictly and the network traced at --input-shape. Runs that code, so needs --trust.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (shown only on a terminal).")]
 
 
@@ -109,7 +110,8 @@ def write_output(text: str, output: Path | None, model: Path | list[Path]) -> No
 
 
 def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_iters: int, seed: int,
-                 device: Device, dtype: DType, method: Method, trust: bool, progress: bool) -> list[dict]:
+                 device: Device, dtype: DType, method: Method, trust: bool, progress: bool,
+                 architecture: str | None = None) -> list[dict]:
     shape = parse_shape(input_shape)
     from .api import make_settings, run_analysis
     from .render import progress_bar
@@ -118,7 +120,8 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
     docs = []
     for model in models:
         with progress_bar(progress and sys.stderr.isatty()) as callback:
-            analysis = run_analysis(model, shape, settings, trust=trust, progress=callback)  # type: ignore[arg-type]
+            analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
+                                    architecture=architecture)
         docs.append(analysis.report.to_dict())
     return docs
 
@@ -154,11 +157,13 @@ def inspect(
     method: MethodOpt = Method.lanczos,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
+    architecture: ArchOpt = None,
 ) -> int:
     """Per-layer spectral norms and the network's Lipschitz bound."""
     from . import writers
 
-    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress)
+    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
+                        architecture)
     if format is OutputFormat.table:
         from rich.console import Group
 
@@ -196,6 +201,7 @@ def check(
     method: MethodOpt = Method.lanczos,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
+    architecture: ArchOpt = None,
 ) -> int:
     """A robustness gate: exit 0 when every rule holds, 1 when one fails (one line each on stderr)."""
     from . import gate, writers
@@ -210,7 +216,8 @@ def check(
     increase = gate.parse_increase(max_increase)
     if baseline is not None and not baseline.is_file():
         raise UsageError(f"--baseline {baseline} does not exist")
-    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress)
+    docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
+                        architecture)
     results = []
     for doc in docs:
         base = gate.load_baseline(baseline, doc["model"]["path"]) if baseline is not None else None
@@ -328,6 +335,7 @@ def normalize(
     method: MethodOpt = Method.lanczos,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
+    architecture: ArchOpt = None,
 ) -> int:
     """Rewrite a model with spectrally normalized layers, then re-inspect it to prove it."""
     shape = parse_shape(input_shape)
@@ -342,7 +350,7 @@ def normalize(
         result = run_normalize(model, output, target=target, clip=clip, budget=budget, layers=layers,
                                exclude=exclude, in_place=in_place, force=force, input_shape=shape,
                                settings=settings, trust=trust, mode=mode.value,
-                               progress=callback)  # type: ignore[arg-type]
+                               progress=callback, architecture=architecture)  # type: ignore[arg-type]
     console = make_console()
     console.print(normalize_table(result))
     console.print(normalize_summary(result), end="")

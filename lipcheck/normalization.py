@@ -598,6 +598,7 @@ def normalize(
     trust: bool = False,
     mode: str = "bake",
     progress: ProgressFn | None = None,
+    architecture: str | None = None,
 ) -> NormalizeResult:
     """Rescale the selected layers of ``source`` to ``target`` (or within ``budget``), write
     the result to ``output`` in the same format, re-inspect it and report before/after."""
@@ -612,7 +613,8 @@ def normalize(
     if not source.exists():
         raise InputError(f"{source} does not exist")
     check_output_path(source, output, in_place=in_place, force=force)
-    before = run_analysis(source, input_shape, settings, trust=trust, progress=progress)
+    before = run_analysis(source, input_shape, settings, trust=trust, progress=progress,
+                          architecture=architecture)
     changes = plan(before, target=target, clip=clip, budget=budget, layers=layers, exclude=exclude)
     scales = Rewrite.of(changes)
     if layers and not any(c.skipped != "not selected" for c in changes):
@@ -631,7 +633,8 @@ def normalize(
         after.report.model.path, after.report.model.format = str(output), "lipcheck-parametrized"
         after.report.model.sha256 = sha256_of(output)
     else:
-        after = run_analysis(output, input_shape, settings, trust=trust, progress=progress)
+        after = run_analysis(output, input_shape, settings, trust=trust, progress=progress,
+                             architecture=architecture)
     result = NormalizeResult(before.report, after.report, changes, str(output), budget)
     _verify(result, settings)
     return result

@@ -163,7 +163,17 @@ def is_torch_legacy(head: bytes) -> bool:
     return ops[-1][0] == "STOP" and values == [TORCH_LEGACY_MAGIC]
 
 
-def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None = None) -> Loaded:
+NO_GRAPH_SHAPE = (
+    "--input-shape needs a graph, and {what} holds weights only; give the architecture with "
+    "--model package.module:factory --trust (it is built, the weights loaded strictly, and "
+    "traced at that size), or analyse an ONNX or TorchScript export"
+)
+
+
+def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None = None,
+         architecture: str | None = None) -> Loaded:
+    """Open ``path`` as what its content says it is. ``architecture`` (``--model``) builds
+    the network for a file of weights only (state_dict, safetensors)."""
     if not path.exists():
         raise InputError(f"{path} does not exist")
     try:
@@ -176,6 +186,11 @@ def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None
         # A FIFO or device would block or never end; lipcheck reads regular files only.
         raise InputError(f"{path} is not a regular file (a pipe, socket or device)")
     fmt = detect(path)
+    if architecture is not None and fmt in (Format.ONNX, Format.TORCHSCRIPT, Format.TORCH_EXPORT):
+        from ..errors import UsageError
+
+        raise UsageError(f"--model is for files of weights only (state_dicts, safetensors); {path} "
+                         f"is {fmt.value} and carries its own graph")
     if fmt is Format.ONNX:
         from .onnx_format import load_onnx
 
@@ -183,7 +198,19 @@ def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None
     if fmt is Format.SAFETENSORS:
         from .safetensors_format import load_safetensors
 
-        loaded = Loaded(format=fmt.value, tensors=load_safetensors(path), input_shape=input_shape)
+        tensors = load_safetensors(path)
+        if architecture is not None:
+            from .. import architecture as arch
+            from .torch_format import _from_module
+
+            module = arch.build(architecture, trust=trust)
+            arch.load_weights(module, tensors, architecture, path)
+            return _from_module(module, fmt.value, input_shape, scripted=False)
+        if input_shape is not None:
+            from ..errors import UsageError
+
+            raise UsageError(NO_GRAPH_SHAPE.format(what=f"the safetensors file {path}"))
+        loaded = Loaded(format=fmt.value, tensors=tensors, input_shape=input_shape)
         loaded.why_no_graph = (
             "a safetensors file has weights but no graph, so no network bound can be composed; "
             "analyse the ONNX or TorchScript form (with --input-shape) for one"
@@ -191,4 +218,4 @@ def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None
         return loaded
     from . import torch_format
 
-    return torch_format.load(path, fmt, trust=trust, input_shape=input_shape)
+    return torch_format.load(path, fmt, trust=trust, input_shape=input_shape, architecture=architecture)

@@ -47,7 +47,8 @@ MAX_DEFLATE_RATIO = 1032
 MAX_NAMED_GLOBALS = 3
 
 
-def load(path: Path, fmt: Format, *, trust: bool, input_shape: tuple[int, ...] | None) -> Loaded:
+def load(path: Path, fmt: Format, *, trust: bool, input_shape: tuple[int, ...] | None,
+         architecture: str | None = None) -> Loaded:
     is_zip = _is_zip(path)
     if is_zip:
         check_zip_sizes(path)
@@ -69,7 +70,7 @@ def load(path: Path, fmt: Format, *, trust: bool, input_shape: tuple[int, ...] |
         if not is_zip:
             check_legacy_sizes(path)
         obj = _torch_load(path, trust)
-    return _from_object(path, obj, input_shape)
+    return _from_object(path, obj, input_shape, architecture, trust)
 
 
 def _is_zip(path: Path) -> bool:
@@ -77,7 +78,14 @@ def _is_zip(path: Path) -> bool:
         return fh.read(2) == b"PK"
 
 
-def _from_object(path: Path, obj: Any, input_shape: tuple[int, ...] | None) -> Loaded:
+def _from_object(path: Path, obj: Any, input_shape: tuple[int, ...] | None,
+                 architecture: str | None = None, trust: bool = False) -> Loaded:
+    if architecture is not None and (isinstance(obj, torch.nn.Module) or (
+            isinstance(obj, Mapping) and _find_module(obj) is not None)):
+        from ..errors import UsageError
+
+        raise UsageError(f"--model is for files of weights only; {path} holds a pickled module "
+                         "with its own architecture")
     if isinstance(obj, torch.nn.Module):
         return _from_module(obj, "pickled-module", input_shape, scripted=False)
     if isinstance(obj, torch.Tensor):
@@ -91,6 +99,20 @@ def _from_object(path: Path, obj: Any, input_shape: tuple[int, ...] | None) -> L
         key, tensors = _find_state_dict(obj)
         if not tensors:
             raise InputError(f"{path}: no tensors found in the checkpoint (keys: {_keys(obj)})")
+        if architecture is not None:
+            from .. import architecture as arch
+
+            module = arch.build(architecture, trust=trust)
+            arch.load_weights(module, tensors, architecture, path)
+            built = _from_module(module, "state_dict", input_shape, scripted=False)
+            if key:
+                built.notes.append(f"weights read from checkpoint key '{key}'")
+            return built
+        if input_shape is not None:
+            from ..errors import UsageError
+            from . import NO_GRAPH_SHAPE
+
+            raise UsageError(NO_GRAPH_SHAPE.format(what=f"the state_dict in {path}"))
         loaded = Loaded(format="state_dict", tensors=tensors, input_shape=input_shape)
         loaded.why_no_graph = (
             "a state_dict has weights but no graph, so no network bound can be composed; "
