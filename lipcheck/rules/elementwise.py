@@ -212,6 +212,14 @@ def _mish_input(graph: Graph, a: str, b: str) -> Match | None:
     return None
 
 
+def _scalar(c: np.ndarray | None) -> float | None:
+    """The value of a constant holding one number, whatever its shape ((), (1,), (1, 1, 1)):
+    numpy 2 refuses float() on arrays with dimensions."""
+    if c is None or c.size != 1 or not np.issubdtype(c.dtype, np.number):
+        return None
+    return float(c.reshape(-1)[0])
+
+
 def _erf_gelu_input(graph: Graph, a: str, b: str) -> Match | None:
     """x * (1 + erf(x / sqrt 2)): the erf form of 2 GELU(x) that torch exports."""
     for x, other in ((a, b), (b, a)):
@@ -219,7 +227,7 @@ def _erf_gelu_input(graph: Graph, a: str, b: str) -> Match | None:
         if add is None or add.op != "Add":
             continue
         one = [graph.const(i) for i in add.inputs]
-        if not any(c is not None and c.size == 1 and float(c) == 1.0 for c in one):
+        if not any(_scalar(c) == 1.0 for c in one):
             continue
         for term in add.inputs:
             erf = graph.producer.get(term)
@@ -228,9 +236,9 @@ def _erf_gelu_input(graph: Graph, a: str, b: str) -> Match | None:
             scale = graph.producer.get(erf.inputs[0])
             if scale is None or scale.op not in ("Div", "Mul") or scale.inputs[0] != x:
                 continue
-            c = graph.const(scale.inputs[1])
+            c = _scalar(graph.const(scale.inputs[1]))
             want = math.sqrt(2) if scale.op == "Div" else 1 / math.sqrt(2)
-            if c is not None and c.size == 1 and abs(float(c) - want) < 1e-4:
+            if c is not None and abs(c - want) < 1e-4:
                 return x, [scale, erf, add]
     return None
 

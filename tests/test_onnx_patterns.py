@@ -1,0 +1,79 @@
+"""Pattern matchers on ONNX graphs as real exporters write them: constants of any shape,
+under the numpy a fresh install resolves to (numpy 2 refuses float() on a (1,)-array)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+import lipcheck
+
+GELU_LIP = 1.1289  # sup |GELU'| (DESIGN.md), rounded down
+
+
+def _erf_gelu_model(shape: tuple[int, ...], values: list[float] | None = None) -> onnx.ModelProto:
+    """y = W2 (0.5 * h * (1 + erf(h / sqrt2))), h = W1 x, constants of the given shape."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((6, 4)).astype(np.float32)
+    w2 = rng.standard_normal((3, 6)).astype(np.float32)
+
+    def const(name: str, value: float) -> onnx.TensorProto:
+        if values is not None and name == "sqrt2":
+            return numpy_helper.from_array(np.array(values, dtype=np.float32), name)
+        return numpy_helper.from_array(np.array([value], dtype=np.float32).reshape(shape), name)
+
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1),
+        helper.make_node("Div", ["h", "sqrt2"], ["hs"]),
+        helper.make_node("Erf", ["hs"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]),
+        helper.make_node("Mul", ["h", "e1"], ["g2"]),
+        helper.make_node("Mul", ["g2", "half"], ["g"]),
+        helper.make_node("Gemm", ["g", "w2"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "gelu",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         const("sqrt2", math.sqrt(2)), const("one", 1.0), const("half", 0.5)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _jacobian_norm(w1: np.ndarray, w2: np.ndarray, x: torch.Tensor) -> float:
+    f = lambda v: torch.nn.functional.gelu(v @ torch.from_numpy(w1).double().T) @ torch.from_numpy(w2).double().T  # noqa: E731
+    return float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(f, x.double()), 2))
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])
+def test_erf_gelu_with_shaped_constants(shape: tuple[int, ...], tmp_path: Path) -> None:
+    model = _erf_gelu_model(shape)
+    path = tmp_path / "gelu.onnx"
+    onnx.save(model, str(path))
+    report = lipcheck.analyze(path)
+    assert report.network.bounded, report.network.reason
+    w1 = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    w2 = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
+    product = float(np.linalg.norm(w1, 2) * np.linalg.norm(w2, 2))
+    # Recognised as one GELU: the bound is the product of the exact norms times sup |GELU'|.
+    assert report.network.lipschitz_bound == pytest.approx(product * GELU_LIP, rel=1e-3)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x = torch.randn(4, generator=rng) * 2
+        assert _jacobian_norm(w1, w2, x) <= report.network.lipschitz_bound
+
+
+def test_several_valued_constant_is_not_a_gelu(tmp_path: Path) -> None:
+    """A divisor with several values is not the erf GELU: no crash, and no GELU claimed."""
+    model = _erf_gelu_model((1,), values=[math.sqrt(2)] * 5 + [1.0])
+    path = tmp_path / "not_gelu.onnx"
+    onnx.save(model, str(path))
+    report = lipcheck.analyze(path)
+    assert not any("GELU" in (r.op or "") + (r.note or "") for r in report.layers)
