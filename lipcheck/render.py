@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -25,7 +26,8 @@ def _iters(iterations: int | None, converged: bool | None) -> str:
 def table(doc: dict[str, Any]) -> Table:
     """The per-layer table of one report (its JSON document)."""
     model = doc["model"]
-    t = Table(title=f"lipcheck: {model['path']}  [{model['format']}]", title_justify="left")
+    # Titles are markup to rich: a file name or the '[onnx]' tag would be read as a style.
+    t = Table(title=escape(f"lipcheck: {model['path']}  [{model['format']}]"), title_justify="left")
     t.add_column("layer", overflow="fold")
     t.add_column("op", no_wrap=True)
     t.add_column("input", no_wrap=True)
@@ -35,7 +37,10 @@ def table(doc: dict[str, Any]) -> Table:
     t.add_column("iters", justify="right", no_wrap=True)
     t.add_column("bound", justify="right", no_wrap=True)
     for r in doc["layers"]:
-        t.add_row(r["name"], r["op"], fmt(r["input_shape"] or None), fmt(r["sigma"]), fmt(r["sigma_matrix"]),
+        # A spectrally normalized weight is marked where the eye reads the op (the JSON's
+        # spectral_norm field names the API).
+        op = f"{r['op']}+SN" if r.get("spectral_norm") else r["op"]
+        t.add_row(escape(r["name"]), escape(op), fmt(r["input_shape"] or None), fmt(r["sigma"]), fmt(r["sigma_matrix"]),
                   fmt(r["sigma_upper"]), _iters(r["iterations"], r["converged"]), fmt(r["bound"]))
     return t
 
@@ -96,14 +101,14 @@ def progress_bar(enabled: bool) -> Iterator[object]:
 
 def normalize_table(result: Any) -> Table:
     """Before/after per layer for ``lipcheck normalize``."""
-    t = Table(title=f"lipcheck normalize: {result.before.model.path} -> {result.output}",
+    t = Table(title=escape(f"lipcheck normalize: {result.before.model.path} -> {result.output}"),
               title_justify="left")
     for col, right in (("layer", False), ("op", False), ("before (cert.)", True), ("target", True),
                        ("scale", True), ("after sigma", True), ("after cert.", True), ("", False)):
         t.add_column(col, justify="right" if right else "left", no_wrap=col != "layer")
     for c in result.changes:
         status = "ok" if c.ok else ("FAIL" if c.ok is False else (c.skipped or ""))
-        t.add_row(c.name, c.op, fmt(c.before), fmt(c.target), fmt(c.scale), fmt(c.after_sigma),
+        t.add_row(escape(c.name), escape(c.op), fmt(c.before), fmt(c.target), fmt(c.scale), fmt(c.after_sigma),
                   fmt(c.after_upper), status)
     return t
 
@@ -131,23 +136,23 @@ def check_table(results: list[Any]) -> Table:
     for col in ("model", "rule", "result", "value", "limit", "detail"):
         t.add_column(col, overflow="fold")
     for r in results:
-        t.add_row(r.model, r.rule, "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", fmt(r.value),
+        t.add_row(escape(r.model), r.rule, "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", fmt(r.value),
                   fmt(r.limit), r.message)
     return t
 
 
 def diff_table(doc: dict[str, Any]) -> Table:
     net = doc["network"]
-    t = Table(title=f"lipcheck diff: {doc['a']['path']} -> {doc['b']['path']}   network bound "
-                    f"{fmt(net['lipschitz_bound_a'])} -> {fmt(net['lipschitz_bound_b'])}",
+    t = Table(title=escape(f"lipcheck diff: {doc['a']['path']} -> {doc['b']['path']}   network bound "
+                           f"{fmt(net['lipschitz_bound_a'])} -> {fmt(net['lipschitz_bound_b'])}"),
               title_justify="left")
     for col in ("layer", "op", "sigma_upper A", "sigma_upper B", "change"):
         t.add_column(col, justify="left" if col in ("layer", "op") else "right")
     for r in doc["layers"]:
         change = "-" if r["change"] is None else f"{r['change'] * 100:+.2f}%"
-        t.add_row(r["name"], r["op"], fmt(r["sigma_upper_a"]), fmt(r["sigma_upper_b"]), change)
+        t.add_row(escape(r["name"]), escape(r["op"]), fmt(r["sigma_upper_a"]), fmt(r["sigma_upper_b"]), change)
     for r in doc["new"]:
-        t.add_row(r["name"], r["op"], "-", "new", "")
+        t.add_row(escape(r["name"]), escape(r["op"]), "-", "new", "")
     for r in doc["vanished"]:
-        t.add_row(r["name"], r["op"], "vanished", "-", "")
+        t.add_row(escape(r["name"]), escape(r["op"]), "vanished", "-", "")
     return t
