@@ -43,10 +43,10 @@ def _import(target: str) -> Any:
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise UsageError(f"--model: {target} is not a file")
+            raise UsageError(f"{{param}}: {target} is not a file", param="architecture")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         if spec is None or spec.loader is None:
-            raise UsageError(f"--model: cannot import {target}")
+            raise UsageError(f"{{param}}: cannot import {target}", param="architecture")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -59,7 +59,8 @@ def build(spec: str, *, trust: bool) -> torch.nn.Module:
     ``path/to/file.py:factory`` (a function or a class, called without arguments)."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise UsageError(f"--model must look like package.module:factory or file.py:factory, got '{spec}'")
+        raise UsageError(f"{{param}} must look like package.module:factory or file.py:factory, got '{spec}'",
+                         param="architecture")
     if not trust:
         raise UntrustedInputError(f"--model {spec} imports and runs Python code; pass --trust to allow it")
     try:
@@ -67,16 +68,18 @@ def build(spec: str, *, trust: bool) -> torch.nn.Module:
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's code's
-        raise UsageError(f"--model: cannot import {target}: {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"{{param}}: cannot import {target}: {type(exc).__name__}: {exc}",
+                         param="architecture") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise UsageError(f"--model: {target} has no callable '{attr}'")
+        raise UsageError(f"{{param}}: {target} has no callable '{attr}'", param="architecture")
     try:
         built = factory()
     except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"--model: {spec}() failed: {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"{{param}}: {spec}() failed: {type(exc).__name__}: {exc}", param="architecture") from None
     if not isinstance(built, torch.nn.Module):
-        raise UsageError(f"--model: {spec}() returned a {type(built).__name__}, not a torch.nn.Module")
+        raise UsageError(f"{{param}}: {spec}() returned a {type(built).__name__}, not a torch.nn.Module",
+                         param="architecture")
     return built
 
 
@@ -87,4 +90,5 @@ def load_weights(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], s
         module.load_state_dict(dict(tensors), strict=True)
     except RuntimeError as exc:
         text = " ".join(str(exc).split())
-        raise UsageError(f"--model {spec}: the weights in {source} do not fit it: {text[:400]}") from None
+        raise UsageError(f"{{param}} {spec}: the weights in {source} do not fit it: {text[:400]}",
+                         param="architecture") from None

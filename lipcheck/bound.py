@@ -11,14 +11,12 @@ bound, with the reason kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .aliases import ProgressFn
 from .graph import Graph, Node
 from .report import LayerRow, NetworkResult, SkippedOp
 from .rules import RULES, Context, Outcome
-
-ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass

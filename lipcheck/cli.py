@@ -17,6 +17,7 @@ from typer._click import exceptions as click_exceptions
 
 from . import __version__
 from .errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, LipcheckError, UsageError
+from .options import DEFAULTS, Options
 
 app = typer.Typer(
     name="lipcheck",
@@ -113,10 +114,10 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
                  device: Device, dtype: DType, method: Method, trust: bool, progress: bool,
                  architecture: str | None = None) -> list[dict]:
     shape = parse_shape(input_shape)
-    from .api import make_settings, run_analysis
+    from .pipeline import make_settings, run_analysis
     from .render import progress_bar
 
-    settings = make_settings(tol, max_iters, seed, device.value, dtype.value, method.value)
+    settings = make_settings(Options(tol, max_iters, seed, device.value, dtype.value, method.value))
     docs = []
     for model in models:
         with progress_bar(progress and sys.stderr.isatty()) as callback:
@@ -149,12 +150,12 @@ def inspect(
     input_shape: InputShapeOpt = None,
     format: FormatOpt = OutputFormat.table,
     output: OutputOpt = None,
-    tol: TolOpt = 1e-6,
-    max_iters: MaxItersOpt = 1000,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.float32,
-    method: MethodOpt = Method.lanczos,
+    tol: TolOpt = DEFAULTS.tol,
+    max_iters: MaxItersOpt = DEFAULTS.max_iters,
+    seed: SeedOpt = DEFAULTS.seed,
+    device: DeviceOpt = Device(DEFAULTS.device),
+    dtype: DTypeOpt = DType(DEFAULTS.dtype),
+    method: MethodOpt = Method(DEFAULTS.method),
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
@@ -193,12 +194,12 @@ def check(
     input_shape: InputShapeOpt = None,
     format: FormatOpt = OutputFormat.table,
     output: OutputOpt = None,
-    tol: TolOpt = 1e-6,
-    max_iters: MaxItersOpt = 1000,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.float32,
-    method: MethodOpt = Method.lanczos,
+    tol: TolOpt = DEFAULTS.tol,
+    max_iters: MaxItersOpt = DEFAULTS.max_iters,
+    seed: SeedOpt = DEFAULTS.seed,
+    device: DeviceOpt = Device(DEFAULTS.device),
+    dtype: DTypeOpt = DType(DEFAULTS.dtype),
+    method: MethodOpt = Method(DEFAULTS.method),
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
@@ -268,12 +269,12 @@ def diff(
     input_shape: InputShapeOpt = None,
     format: FormatOpt = OutputFormat.table,
     output: OutputOpt = None,
-    tol: TolOpt = 1e-6,
-    max_iters: MaxItersOpt = 1000,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.float32,
-    method: MethodOpt = Method.lanczos,
+    tol: TolOpt = DEFAULTS.tol,
+    max_iters: MaxItersOpt = DEFAULTS.max_iters,
+    seed: SeedOpt = DEFAULTS.seed,
+    device: DeviceOpt = Device(DEFAULTS.device),
+    dtype: DTypeOpt = DType(DEFAULTS.dtype),
+    method: MethodOpt = Method(DEFAULTS.method),
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
 ) -> int:
@@ -327,23 +328,23 @@ def normalize(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     report: Annotated[Path | None, typer.Option("--report", help="Write the before/after comparison as JSON.")] = None,
     input_shape: InputShapeOpt = None,
-    tol: TolOpt = 1e-6,
-    max_iters: MaxItersOpt = 1000,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.float32,
-    method: MethodOpt = Method.lanczos,
+    tol: TolOpt = DEFAULTS.tol,
+    max_iters: MaxItersOpt = DEFAULTS.max_iters,
+    seed: SeedOpt = DEFAULTS.seed,
+    device: DeviceOpt = Device(DEFAULTS.device),
+    dtype: DTypeOpt = DType(DEFAULTS.dtype),
+    method: MethodOpt = Method(DEFAULTS.method),
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
 ) -> int:
     """Rewrite a model with spectrally normalized layers, then re-inspect it to prove it."""
     shape = parse_shape(input_shape)
-    from .api import make_settings
     from .normalization import normalize as run_normalize
+    from .pipeline import make_settings
     from .render import make_console, normalize_summary, normalize_table, progress_bar
 
-    settings = make_settings(tol, max_iters, seed, device.value, dtype.value, method.value)
+    settings = make_settings(Options(tol, max_iters, seed, device.value, dtype.value, method.value))
     if report is not None:
         check_report_path(report, model, output)
     with progress_bar(progress and sys.stderr.isatty()) as callback:
@@ -367,6 +368,10 @@ def check_report_path(report: Path, *inputs: Path) -> None:
             raise UsageError(f"--report {report} would overwrite {other}")
 
 
+# Library parameters whose flag is not the parameter's name with dashes.
+FLAGS = {"architecture": "--model"}
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; every known error becomes one stderr line."""
     try:
@@ -381,7 +386,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"lipcheck: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
         return UsageError.exit_code
     except LipcheckError as exc:
-        print(f"lipcheck: error: {exc.message}", file=sys.stderr)
+        print(f"lipcheck: error: {exc.for_cli(FLAGS)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("lipcheck: interrupted", file=sys.stderr)

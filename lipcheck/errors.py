@@ -52,13 +52,25 @@ class LipcheckError(Exception):
 
     exit_code = EXIT_BAD_INPUT
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        """``message`` may name the offending parameter as ``{param}``: the library says
+        ``tol``, the command line ``--tol`` (see :meth:`for_cli`)."""
         # One line only: the CLI prints the message verbatim on stderr.
-        super().__init__(" ".join(message.split()))
+        self.template = " ".join(message.split())
+        self.param = param
+        super().__init__(self.template.replace("{param}", param) if param else self.template)
 
     @property
     def message(self) -> str:
         return str(self.args[0])
+
+    def for_cli(self, flags: dict[str, str] | None = None) -> str:
+        """The message with the parameter spelled as its command-line flag
+        (``max_iters`` -> ``--max-iters`` unless ``flags`` says otherwise)."""
+        if not self.param:
+            return self.message
+        flag = (flags or {}).get(self.param, "--" + self.param.replace("_", "-"))
+        return self.template.replace("{param}", flag)
 
 
 class UsageError(LipcheckError):

@@ -40,9 +40,9 @@ def parse_increase(text: str) -> float:
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
-        raise UsageError(f"--max-increase must be like 10% or 0.1, got '{text}'") from None
+        raise UsageError(f"{{param}} must be like 10% or 0.1, got '{text}'", param="max_increase") from None
     if not math.isfinite(value) or value < 0:
-        raise UsageError(f"--max-increase must be a non-negative amount, got '{text}'")
+        raise UsageError(f"{{param}} must be a non-negative amount, got '{text}'", param="max_increase")
     return value
 
 
@@ -73,7 +73,7 @@ def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
     only fails the ``baseline-match`` rule unless ``allow_unmatched`` (a baseline of another
     model, or of another export of it, must not pass by comparing nothing)."""
     if bound not in ("certified", "estimate"):
-        raise UsageError(f"--bound must be certified or estimate, got {bound}")
+        raise UsageError(f"{{param}} must be certified or estimate, got {bound}", param="bound")
     model = doc["model"]["path"]
     results: list[RuleResult] = []
     layers = [r for r in doc["layers"] if r.get("kind") in GATED_KINDS]
@@ -188,15 +188,15 @@ def load_baseline(path: Path, model_path: str) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"--baseline {path} is not a readable lipcheck JSON report: {exc}") from None
+        raise UsageError(f"{{param}} {path} is not a readable lipcheck JSON report: {exc}", param="baseline") from None
     reports = doc.get("reports", [doc]) if isinstance(doc, dict) else []
     reports = [r for r in reports if isinstance(r, dict) and "layers" in r and "network" in r]
     if not reports:
-        raise UsageError(f"--baseline {path} holds no lipcheck report")
+        raise UsageError(f"{{param}} {path} holds no lipcheck report", param="baseline")
     if len(reports) == 1:
         return reports[0]
     name = Path(model_path).name
     for r in reports:
         if Path(r["model"]["path"]).name == name:
             return r
-    raise UsageError(f"--baseline {path} has no report for {name}")
+    raise UsageError(f"{{param}} {path} has no report for {name}", param="baseline")

@@ -109,8 +109,9 @@ def _set_input_shape(model: onnx.ModelProto, name: str, dims: tuple[int, ...]) -
         shape = inp.type.tensor_type.shape
         if len(shape.dim) not in (0, len(dims)):
             raise UsageError(
-                f"--input-shape has {len(dims)} dims but the model input '{name}' has "
-                f"{len(shape.dim)}"
+                f"{{param}} has {len(dims)} dims but the model input '{name}' has "
+                f"{len(shape.dim)}",
+                param="input_shape",
             )
         del shape.dim[:]
         for d in dims:
@@ -160,7 +161,7 @@ def build_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = No
     data_inputs = [i.name for i in model.graph.input if i.name not in init_names]
     if input_shape is not None:
         if not data_inputs:
-            raise UsageError("--input-shape was given but the model has no data input")
+            raise UsageError("{param} was given but the model has no data input", param="input_shape")
         _set_input_shape(model, data_inputs[0], input_shape)
     else:
         # A symbolic batch dimension is the only unknown lipcheck fills in itself:

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from . import spectral
-from .api import Analysis, run_analysis, sha256_of
+from .aliases import ProgressFn
 from .errors import InputError, UntrustedInputError, UsageError
+from .pipeline import Analysis, run_analysis, sha256_of
 from .report import Report
 
 # Ops whose weight lipcheck rescales, and which input holds that weight.
@@ -36,7 +37,6 @@ BUDGET_MARGIN = 1e-3
 # The start of a skip reason for a selected layer whose weight cannot be rewritten: normalize
 # refuses to write when such a layer is above its target.
 CANNOT = "cannot be rewritten:"
-ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -186,8 +186,8 @@ def plan(analysis: Analysis, *, target: float | None, clip: bool, budget: float 
     active = [c for c in changes if c.skipped is None]
     if budget is not None:
         if analysis.graph is None:
-            raise UsageError("--budget needs a network bound, and this model has no graph: "
-                             + analysis.report.network.reason)
+            raise UsageError("{param} needs a network bound, and this model has no graph: "
+                             + analysis.report.network.reason, param="budget")
         level = _budget_level(analysis, active, budget * (1 - BUDGET_MARGIN), clip)
         target = level if target is None else min(target, level)
     if target is None:
@@ -235,16 +235,18 @@ def _budget_level(analysis: Analysis, active: list[LayerChange], budget: float, 
         return network_bound(graph, steps, _scales_at(active, t, clip))
 
     if not active:
-        raise UsageError("--budget: no layer is selected for rescaling")
+        raise UsageError("{param}: no layer is selected for rescaling", param="budget")
     if not math.isfinite(bound_at(1.0)):
-        raise UsageError(f"--budget: the network bound is not finite ({analysis.report.network.reason})")
+        raise UsageError(f"{{param}}: the network bound is not finite ({analysis.report.network.reason})",
+                         param="budget")
     lo, hi = 1e-12, max(c.before or 0.0 for c in active) * 2
     if bound_at(hi) <= budget:
         return hi
     if bound_at(lo) > budget:
         raise UsageError(
-            f"--budget {budget:.6g} cannot be reached by rescaling the selected layers: paths "
-            f"that avoid them already give {bound_at(lo):.6g}"
+            f"{{param}} {budget:.6g} cannot be reached by rescaling the selected layers: paths "
+            f"that avoid them already give {bound_at(lo):.6g}",
+            param="budget",
         )
     for _ in range(200):  # bisection in log space down to ~1e-12 relative
         mid = math.sqrt(lo * hi)
@@ -435,8 +437,8 @@ def _source_module(analysis: Analysis, source: Path, trust: bool) -> nn.Module:
         module = obj if isinstance(obj, nn.Module) else _find_module(obj)
         assert module is not None
         return module
-    raise UsageError(f"--mode parametrize needs an nn.Module (a pickled module with --trust, or an ONNX "
-                     f"model onnx2torch converts); a {fmt} input has none: use --mode bake")
+    raise UsageError(f"{{param}} parametrize needs an nn.Module (a pickled module with --trust, or an ONNX "
+                     f"model onnx2torch converts); a {fmt} input has none: use --mode bake", param="mode")
 
 
 def _module_paths(analysis: Analysis, module: nn.Module, changes: list[LayerChange]) -> dict[str, str]:
@@ -603,13 +605,13 @@ def normalize(
     """Rescale the selected layers of ``source`` to ``target`` (or within ``budget``), write
     the result to ``output`` in the same format, re-inspect it and report before/after."""
     if target is not None and not (math.isfinite(target) and target > 0):
-        raise UsageError(f"--target must be a positive number, got {target}")
+        raise UsageError(f"{{param}} must be a positive number, got {target}", param="target")
     if budget is not None and not (math.isfinite(budget) and budget > 0):
-        raise UsageError(f"--budget must be a positive number, got {budget}")
+        raise UsageError(f"{{param}} must be a positive number, got {budget}", param="budget")
     source, output = Path(source), Path(output)
     settings = settings or spectral.Settings()
     if mode not in ("bake", "parametrize"):
-        raise UsageError(f"--mode must be bake or parametrize, got {mode}")
+        raise UsageError(f"{{param}} must be bake or parametrize, got {mode}", param="mode")
     if not source.exists():
         raise InputError(f"{source} does not exist")
     check_output_path(source, output, in_place=in_place, force=force)
@@ -618,7 +620,8 @@ def normalize(
     changes = plan(before, target=target, clip=clip, budget=budget, layers=layers, exclude=exclude)
     scales = Rewrite.of(changes)
     if layers and not any(c.skipped != "not selected" for c in changes):
-        raise UsageError(f"--layers {' '.join(layers)} matches no layer (see `lipcheck inspect` for names)")
+        raise UsageError(f"{{param}} {' '.join(layers)} matches no layer (see `lipcheck inspect` for names)",
+                         param="layers")
     _refuse_unwritable(changes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice is not ours to show

@@ -189,8 +189,8 @@ def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None
     if architecture is not None and fmt in (Format.ONNX, Format.TORCHSCRIPT, Format.TORCH_EXPORT):
         from ..errors import UsageError
 
-        raise UsageError(f"--model is for files of weights only (state_dicts, safetensors); {path} "
-                         f"is {fmt.value} and carries its own graph")
+        raise UsageError(f"{{param}} is for files of weights only (state_dicts, safetensors); {path} "
+                         f"is {fmt.value} and carries its own graph", param="architecture")
     if fmt is Format.ONNX:
         from .onnx_format import load_onnx
 

@@ -84,8 +84,8 @@ def _from_object(path: Path, obj: Any, input_shape: tuple[int, ...] | None,
             isinstance(obj, Mapping) and _find_module(obj) is not None)):
         from ..errors import UsageError
 
-        raise UsageError(f"--model is for files of weights only; {path} holds a pickled module "
-                         "with its own architecture")
+        raise UsageError(f"{{param}} is for files of weights only; {path} holds a pickled module "
+                         "with its own architecture", param="architecture")
     if isinstance(obj, torch.nn.Module):
         return _from_module(obj, "pickled-module", input_shape, scripted=False)
     if isinstance(obj, torch.Tensor):

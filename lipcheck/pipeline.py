@@ -1,0 +1,117 @@
+"""The analysis pipeline: load -> graph -> per-op rules -> composed bound -> Report.
+
+Used by the public façade (:mod:`lipcheck.api`), by ``normalize`` and by the command line;
+each step lives in its own module (``formats``, ``graph``, ``rules``, ``bound``, ``report``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import snorm, spectral
+from .aliases import ProgressFn, Shape
+from .errors import UsageError
+from .options import DEFAULTS, Options
+from .report import ModelInfo, NetworkResult, Report
+
+if TYPE_CHECKING:
+    from .bound import Composition
+    from .formats import Loaded
+    from .graph import Graph
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def make_settings(options: Options = DEFAULTS) -> spectral.Settings:
+    """The numerics' settings for validated options (the device resolved: auto takes the
+    GPU when torch sees one; cuda without one is refused)."""
+    try:
+        resolved = spectral.resolve_device(options.device)
+    except ValueError as exc:
+        raise UsageError(str(exc), param="device") from None
+    return spectral.Settings(tol=options.tol, max_iters=options.max_iters, seed=options.seed,
+                             device=resolved, dtype=TORCH_DTYPES[options.dtype], method=options.method)
+
+
+def settings_dict(s: spectral.Settings) -> dict[str, Any]:
+    return {"tol": s.tol, "max_iters": s.max_iters, "seed": s.seed, "device": s.device,
+            "dtype": str(s.dtype).replace("torch.", ""), "method": s.method}
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Analysis:
+    """A report with what produced it: the loaded model and, for a graph, the graph and
+    the per-op outcomes (what ``normalize`` needs to rewrite weights and re-compose)."""
+
+    report: Report
+    loaded: Loaded
+    graph: Graph | None = None
+    composition: Composition | None = None
+
+
+def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None,
+                 settings: spectral.Settings, *, trust: bool = False,
+                 progress: ProgressFn | None = None, architecture: str | None = None) -> Analysis:
+    if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
+        raise UsageError(f"{{param}} must be positive dims, batch first, got {input_shape}", param="input_shape")
+    if isinstance(source, torch.nn.Module):
+        from .formats.torch_format import _from_module
+
+        loaded: Loaded = _from_module(source, "module", input_shape, scripted=False)
+        info = ModelInfo(path="<in-memory>", sha256="", format=loaded.format)
+    else:
+        from .formats import load
+
+        path = Path(source)
+        loaded = load(path, trust=trust, input_shape=input_shape, architecture=architecture)
+        info = ModelInfo(path=str(path), sha256=sha256_of(path), format=loaded.format)
+    info.input_shape = list(input_shape) if input_shape else None
+    return analyze_loaded(loaded, info, settings, progress)
+
+
+def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
+                   progress: ProgressFn | None = None) -> Analysis:
+    if loaded.onnx_model is not None:
+        from .bound import compose
+        from .graph import build_graph
+        from .rules import Context
+
+        graph = build_graph(loaded.onnx_model, loaded.input_shape)
+        if info.input_shape is None and graph.inputs:
+            dims = graph.known_shape(graph.inputs[0])
+            info.input_shape = list(dims) if dims else None
+        with torch.no_grad():
+            comp = compose(graph, Context(graph=graph, settings=settings), progress)
+        assert comp.network is not None
+        notes = list(loaded.notes)
+        if len(graph.inputs) > 1:
+            notes.append(f"the model has {len(graph.inputs)} data inputs; the bound is with "
+                         "respect to all of them concatenated")
+        snorm.mark_graph_rows(graph, comp.rows)
+        report = Report(model=info, settings=settings_dict(settings), layers=comp.rows,
+                        network=comp.network, skipped=comp.skipped, notes=notes)
+        return Analysis(report, loaded, graph, comp)
+    notes = list(loaded.notes)
+    from .rules.tensors import tensor_rows
+
+    rows, skipped = tensor_rows(loaded.tensors or {}, settings, notes, progress)
+    network = NetworkResult(lipschitz_bound=None, lipschitz_estimate=None, bounded=False,
+                            certified=False, reason=loaded.why_no_graph)
+    report = Report(model=info, settings=settings_dict(settings), layers=rows, network=network,
+                    skipped=skipped, notes=notes)
+    return Analysis(report, loaded)
+
+

@@ -1,0 +1,155 @@
+"""Per-tensor rules: the numbers of weights that come without a graph (a state_dict,
+safetensors, TorchScript read without running it). A 2-D tensor is a linear map, a 3-5-D
+one a conv kernel (its input size unknown: a size-independent certificate), a BatchNorm
+weight beside its running_var a diagonal map; spectrally normalized parameters are
+replaced by the weight the layer really uses (see :mod:`lipcheck.snorm`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import snorm, spectral
+from ..aliases import ProgressFn
+from ..report import LayerRow, SkippedOp
+
+PASSIVE_LEAVES = {"bias", "running_mean", "num_batches_tracked"}
+
+
+def _float_weight(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """The tensor as float64 values, or None and why it cannot be analysed. float16 and
+    bfloat16 widen exactly; quantized tensors are dequantized with their own scale."""
+    if t.device.type == "meta":
+        return None, "meta tensor: it has a shape but no values"
+    if t.is_quantized:
+        return t.dequantize().to(torch.float64), "dequantized"
+    if t.layout != torch.strided:
+        return None, f"{str(t.layout).replace('torch.', '')} tensor: only dense weights are analysed"
+    if t.is_complex():
+        return None, f"{t.dtype} tensor: complex weights are not analysed"
+    if not t.is_floating_point():
+        return None, (f"{t.dtype} tensor: not a float weight (integer weights carry no scale "
+                      "to dequantize them with)")
+    return t.detach().to(torch.float64), ""
+
+
+def _effective_weights(tensors: dict[str, torch.Tensor], skipped: list[SkippedOp]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str, int]], int]:
+    """The tensors with each spectrally normalized parameter replaced by the weight the
+    layer really uses (under ``<layer>.weight``, in the original's place), its u and v
+    dropped; per new key the SN style, a description and the dim SN reshapes along (1 for
+    a ConvTranspose); how many u/v tensors were dropped."""
+    found = snorm.find(tensors)
+    if not found:
+        return tensors, {}, 0
+    vectors = {k for sn in found.values() for k in (sn.u, sn.v)}
+    out: dict[str, torch.Tensor] = {}
+    notes: dict[str, tuple[str, str, int]] = {}
+    for key, t in tensors.items():
+        if key in vectors:
+            continue
+        sn = found.get(key)
+        if sn is None:
+            out[key] = t
+            continue
+        try:
+            w, sigma_uv, dim = snorm.effective_weight(t, tensors[sn.u], tensors[sn.v])
+        except (ValueError, RuntimeError) as exc:
+            skipped.append(SkippedOp(key, "tensor", f"spectral-norm vectors do not fit the weight: {exc}"))
+            continue
+        name = sn.layer + ".weight" if sn.layer != "weight" else "weight"
+        out[name] = w
+        notes[name] = (sn.style, snorm.describe(sn, sigma_uv), dim)
+    return out, notes, len(vectors)
+
+
+def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, notes: list[str],
+                progress: ProgressFn | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
+    """Per-tensor numbers for weights without a graph: 2-D = a linear layer, 3-5-D = a
+    conv kernel (reshaped norm and a size-independent certified bound), BatchNorm from
+    its weight and running_var. Every other tensor is either passive (biases, BatchNorm
+    statistics: counted in a note) or listed under skipped with the reason."""
+    rows: list[LayerRow] = []
+    skipped: list[SkippedOp] = []
+    passive = 0  # biases and BatchNorm statistics: no effect on a Lipschitz constant
+    tensors, sn_notes, sn_vectors = _effective_weights(tensors, skipped)
+    names = list(tensors)
+    for i, key in enumerate(names):
+        if progress is not None:
+            progress(i, len(names), key)
+        t = tensors[key]
+        layer, _, leaf = key.rpartition(".")
+        layer = layer or key
+        bn_weight = tensors.get(f"{layer}.weight")
+        bn_stat = (leaf == "running_var" and isinstance(bn_weight, torch.Tensor)
+                   and bn_weight.ndim == 1 and bn_weight.shape == t.shape)
+        if leaf in PASSIVE_LEAVES or leaf.startswith("bias_") or bn_stat:
+            passive += 1
+            continue
+        w, how = _float_weight(t)
+        if w is None:
+            skipped.append(SkippedOp(key, "tensor", how))
+            continue
+        var_t = tensors.get(f"{layer}.running_var")
+        if leaf == "weight" and t.ndim == 1 and isinstance(var_t, torch.Tensor) and var_t.shape == t.shape:
+            var, _ = _float_weight(var_t)
+            if var is None:
+                var = torch.full_like(w, math.nan)
+            value = float((w.abs() / torch.sqrt(var + 1e-5)).max()) if w.numel() else 0.0
+            rows.append(LayerRow(name=layer, op="BatchNorm", kind="diagonal", sigma=value,
+                                 sigma_upper=value, upper_method="exact (eps=1e-5)",
+                                 lipschitz=value, iterations=0, converged=True))
+        elif 2 <= t.ndim <= 5 and w.numel() == 0:
+            # A map from or to an empty space is the zero map: norm 0, exactly.
+            rows.append(LayerRow(name=key if leaf != "weight" else layer,
+                                 op="Linear" if t.ndim == 2 else f"Conv{t.ndim - 2}d",
+                                 kind="linear" if t.ndim == 2 else "conv", sigma=0.0,
+                                 sigma_upper=0.0, upper_method="exact (empty)", lipschitz=0.0,
+                                 iterations=0, converged=True, note=f"0-size weight {list(t.shape)}"))
+        elif t.ndim == 2:
+            est = spectral.matrix_estimate(w, settings)
+            cert = spectral.gram_upper_bound(w, est.sigma)
+            rows.append(LayerRow(name=key if leaf != "weight" else layer, op="Linear",
+                                 kind="linear", sigma=est.sigma, sigma_upper=cert.value,
+                                 upper_method=cert.method, lipschitz=cert.value,
+                                 iterations=est.iterations, converged=est.converged))
+            if key in sn_notes:
+                rows[-1].sigma_matrix = est.sigma  # a matrix's reshaped norm is its norm
+        elif 3 <= t.ndim <= 5:
+            # A spectrally normalized ConvTranspose (SN reshapes it along dim 1) is reported
+            # with SN's own reshape; the certificate is the same for a conv and its adjoint.
+            transposed = key in sn_notes and sn_notes[key][2] == 1
+            reshaped = snorm.as_matrix(w, 1) if transposed else w.reshape(w.shape[0], -1)
+            est = spectral.matrix_estimate(reshaped, settings)
+            cert = spectral.conv_reshape_upper_bound(w, 1)
+            rows.append(LayerRow(
+                name=key if leaf != "weight" else layer,
+                op=f"Conv{'Transpose' if transposed else ''}{t.ndim - 2}d", kind="conv",
+                sigma_matrix=est.sigma, sigma_upper=cert.value, upper_method=cert.method,
+                lipschitz=cert.value, iterations=est.iterations, converged=est.converged,
+                note="no graph: input size unknown; sigma_upper holds for any input size, "
+                     "stride, dilation and groups with zero padding",
+            ))
+        else:
+            skipped.append(SkippedOp(key, "tensor", f"{t.ndim}-D tensor: not a layer weight lipcheck knows"))
+            continue
+        if how:
+            rows[-1].note = f"{how} ({t.dtype}); " + (rows[-1].note or "")
+            rows[-1].note = rows[-1].note.rstrip("; ")
+        if key in sn_notes:
+            style, text, _ = sn_notes[key]
+            rows[-1].spectral_norm = style
+            rows[-1].note = f"{text}; {rows[-1].note}" if rows[-1].note else text
+    if progress is not None:
+        progress(len(names), len(names), "")
+    if passive:
+        notes.append(f"{passive} bias / BatchNorm statistics tensors: they do not change a "
+                     "Lipschitz constant")
+    if sn_vectors:
+        notes.append(f"{len(sn_notes)} spectrally normalized weights: each row is the weight the layer "
+                     f"uses in eval mode (W_orig / u.W_orig v, from the {sn_vectors} stored u, v vectors)")
+    for row in rows:
+        if row.lipschitz is not None and not math.isfinite(row.lipschitz):
+            row.note = "weight has NaN or Inf"
+    return rows, skipped
