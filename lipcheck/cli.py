@@ -281,10 +281,10 @@ def diff(
     """Per-layer and network changes between two reports or models, new and vanished layers."""
     from . import writers
     from .diff import diff as compute_diff
-    from .report import _finite
+    from .report import json_safe
 
     docs = [_report_or_model(p, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress) for p in (a, b)]
-    doc = _finite(compute_diff(docs[0], docs[1]))
+    doc = json_safe(compute_diff(docs[0], docs[1]))
     if format is OutputFormat.table:
         from .render import diff_table
 

@@ -29,9 +29,9 @@ class RuleResult:
     layer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        from .report import _finite
+        from .report import json_safe
 
-        return _finite(asdict(self))
+        return json_safe(asdict(self))
 
 
 def parse_increase(text: str) -> float:

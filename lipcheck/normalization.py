@@ -10,7 +10,6 @@ layer's true norm is at most the target. Dividing by ``sigma_matrix`` (what
 from __future__ import annotations
 
 import fnmatch
-import io
 import math
 import os
 import warnings
@@ -19,15 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import spectral
 from .aliases import ProgressFn
-from .errors import InputError, UntrustedInputError, UsageError
+from .errors import InputError, UsageError
+from .formats import Kind
 from .pipeline import Analysis, run_analysis, sha256_of
 from .report import Report
+from .rewrite import Rewrite
 
 # Ops whose weight lipcheck rescales, and which input holds that weight.
 WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "BatchNormalization": 1, "Gemm": None, "MatMul": None}
@@ -74,9 +74,9 @@ class NormalizeResult:
         return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
-        from .report import _finite
+        from .report import json_safe
 
-        return _finite({
+        return json_safe({
             "before": self.before.to_dict(),
             "after": self.after.to_dict() if self.after else None,
             "output": self.output,
@@ -119,7 +119,7 @@ def _graph_weights(analysis: Analysis) -> dict[str, WeightRef]:
     nodes), gets a Mul before the reading layer in an ONNX file. A torch model's computed
     weight is found among its spectrally normalized parameters when written."""
     graph = analysis.graph
-    onnx_file = analysis.loaded.format == "onnx"
+    onnx_file = analysis.loaded.format is Kind.ONNX
     uses: dict[str, int] = {}
     slots: dict[str, tuple[Any, int | None, str | None]] = {}
     for node in graph.nodes:
@@ -262,164 +262,26 @@ def _budget_level(analysis: Analysis, active: list[LayerChange], budget: float, 
 # --------------------------------------------------------------------------- writers
 
 
-def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
-    return (t.detach().to(torch.float64) * s).to(t.dtype)
-
-
-@dataclass
-class Rewrite:
-    """What normalize changes in the written file."""
-
-    scales: dict[str, float] = field(default_factory=dict)  # stored tensor -> factor
-    sn_layers: dict[str, float] = field(default_factory=dict)  # SN layer path -> factor on W
-    muls: dict[tuple[int, int], float] = field(default_factory=dict)  # (node, input) -> Mul factor
-
-    @classmethod
-    def of(cls, changes: list[LayerChange]) -> Rewrite:
-        out = cls()
-        for c in changes:
-            if c.scale is None or not c.weight:
-                continue
-            if c.rewrite == "divide-u":
-                out.sn_layers[c.weight] = c.scale
-            elif c.rewrite == "mul-node":
-                assert c.node is not None
-                out.muls[c.node] = c.scale
-            else:
-                out.scales[c.weight] = c.scale
-        return out
-
-    def tensor_scales(self, tensors: Any) -> dict[str, float]:
-        """Stored tensor -> factor, the spectrally normalized layers resolved against the
-        writer's tensors: W = W_orig / u.W_orig v grows by s when u is divided by s."""
-        from . import snorm
-
-        out = dict(self.scales)
-        if not self.sn_layers:
-            return out
-        by_u = {w.u: w for w in snorm.find(tensors).values()}
-        by_layer = {w.layer: w for w in by_u.values()}
-        for key, s in self.sn_layers.items():
-            sn = by_u.get(key) or by_layer.get(key)
-            if sn is None:
-                raise InputError(f"layer {key}: its weight is computed in the model and is not a torch "
-                                 "spectral norm lipcheck can rewrite; exclude it with --exclude")
-            out[sn.u] = 1.0 / s
-        return out
-
-
-def _rewrite_onnx(model: Any, rewrite: Rewrite) -> Any:
-    import onnx
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    _insert_muls(out, rewrite.muls)
-    todo = dict(rewrite.scales)
-    for i, init in enumerate(out.graph.initializer):
-        if init.name in todo:
-            arr = numpy_helper.to_array(init)
-            new = (arr.astype(np.float64) * todo.pop(init.name)).astype(arr.dtype)
-            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, init.name))
-    for node in out.graph.node:
-        if node.op_type == "Constant" and node.output[0] in todo:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    arr = numpy_helper.to_array(attr.t)
-                    new = (arr.astype(np.float64) * todo.pop(node.output[0])).astype(arr.dtype)
-                    attr.t.CopyFrom(numpy_helper.from_array(new, attr.t.name))
-    if todo:
-        raise InputError(f"weights not found in the ONNX model: {', '.join(sorted(todo))}")
+def _rewrite_of(changes: list[LayerChange]) -> Rewrite:
+    """The file changes that carry out the planned scale factors."""
+    out = Rewrite()
+    for c in changes:
+        if c.scale is None or not c.weight:
+            continue
+        if c.rewrite == "divide-u":
+            out.sn_layers[c.weight] = c.scale
+        elif c.rewrite == "mul-node":
+            assert c.node is not None
+            out.muls[c.node] = c.scale
+        else:
+            out.scales[c.weight] = c.scale
     return out
-
-
-def _insert_muls(model: Any, muls: dict[tuple[int, int], float]) -> None:
-    """A weight the graph computes (a spectral norm exported as nodes, or a tensor several
-    layers share) is scaled for one layer by a Mul between it and that layer: the layer
-    then computes with exactly factor x its old weight, and nothing else changes."""
-    from onnx import helper, numpy_helper
-
-    taken = {v for n in model.graph.node for v in (*n.input, *n.output)}
-    taken |= {t.name for t in model.graph.initializer}
-    new_nodes = []
-    for (index, slot), factor in sorted(muls.items()):
-        node = model.graph.node[index]
-        value = node.input[slot]
-        dtype = _value_dtype(model, value)
-        base = f"lipcheck_scale_{index}_{slot}"
-        k = 0
-        while f"{base}_{k}" in taken or f"{base}_{k}_out" in taken:
-            k += 1
-        const, scaled = f"{base}_{k}", f"{base}_{k}_out"
-        taken |= {const, scaled}
-        model.graph.initializer.append(numpy_helper.from_array(np.array(factor, dtype=dtype), const))
-        new_nodes.append((index, helper.make_node("Mul", [value, const], [scaled], name=f"{base}_{k}/Mul")))
-        node.input[slot] = scaled
-    # Each Mul goes right before the node that reads it, so the graph stays topologically sorted.
-    for index, mul in sorted(new_nodes, key=lambda t: -t[0]):
-        model.graph.node.insert(index, mul)
-
-
-def _value_dtype(model: Any, value: str) -> Any:
-    """The numpy dtype of a float value in the graph (the weight's), float32 if unknown."""
-    from onnx import helper
-
-    for vi in (*model.graph.value_info, *model.graph.input, *model.graph.output):
-        if vi.name == value and vi.type.tensor_type.elem_type:
-            return helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-    for t in model.graph.initializer:
-        if t.name == value:
-            return helper.tensor_dtype_to_np_dtype(t.data_type)
-    return np.float32
-
-
-def _scale_module(module: torch.nn.Module, rewrite: Rewrite) -> None:
-    state = module.state_dict(keep_vars=True)
-    scales = rewrite.tensor_scales(state)
-    missing = sorted(set(scales) - set(state))
-    if missing:
-        raise InputError(f"weights not found in the module: {', '.join(missing)}")
-    with torch.no_grad():
-        for key, s in scales.items():
-            state[key].copy_(_scaled(state[key], s))
-
-
-def _rewrite_checkpoint(obj: Any, rewrite: Rewrite) -> Any:
-    """Scale the named tensors inside a state_dict or checkpoint dict; every other entry
-    (optimizer state, epoch, config) is kept as it was."""
-    from .formats.torch_format import STATE_KEYS, _is_tensor_dict, stripped_names
-
-    container = obj
-    if not _is_tensor_dict(obj):
-        for key in STATE_KEYS:
-            if _is_tensor_dict(obj.get(key)):
-                container = obj[key]
-                break
-    names = stripped_names([str(k) for k in container])  # the names the loader reported
-    todo = rewrite.tensor_scales({names[str(k)]: v for k, v in container.items()})
-    for key in list(container):
-        name = names[str(key)]
-        if name in todo and isinstance(container[key], torch.Tensor):
-            container[key] = _scaled(container[key], todo.pop(name))
-    if todo:
-        raise InputError(f"weights not found in the checkpoint: {', '.join(sorted(todo))}")
-    return obj
-
-
-def _atomic(output: Path, write: Callable[[io.BytesIO], None]) -> None:
-    """Serialise in memory (torch names a zip's root after the file, so writing to a temp
-    name would change the bytes), then a sibling temp file and os.replace."""
-    from .files import atomic_write
-
-    buffer = io.BytesIO()
-    write(buffer)
-    atomic_write(output, buffer.getvalue())
 
 
 def _source_module(analysis: Analysis, source: Path, trust: bool) -> nn.Module:
     """A fresh nn.Module of the input: the trusted pickle, or onnx2torch's conversion."""
     fmt = analysis.loaded.format
-    if fmt == "onnx":
+    if fmt is Kind.ONNX:
         import onnx2torch
 
         try:
@@ -430,21 +292,21 @@ def _source_module(analysis: Analysis, source: Path, trust: bool) -> nn.Module:
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise InputError(f"onnx2torch cannot convert this model ({type(exc).__name__}: {first}); "
                              "use --mode bake") from None
-    if fmt in ("pickled-module", "checkpoint-module"):
-        from .formats.torch_format import _find_module, _torch_load
+    if fmt in (Kind.PICKLED_MODULE, Kind.CHECKPOINT_MODULE):
+        from .formats.torch_format import find_module, torch_load
 
-        obj = _torch_load(source, trust)
-        module = obj if isinstance(obj, nn.Module) else _find_module(obj)
+        obj = torch_load(source, trust)
+        module = obj if isinstance(obj, nn.Module) else find_module(obj)
         assert module is not None
         return module
     raise UsageError(f"{{param}} parametrize needs an nn.Module (a pickled module with --trust, or an ONNX "
-                     f"model onnx2torch converts); a {fmt} input has none: use --mode bake", param="mode")
+                     f"model onnx2torch converts); a {fmt.value} input has none: use --mode bake", param="mode")
 
 
 def _module_paths(analysis: Analysis, module: nn.Module, changes: list[LayerChange]) -> dict[str, str]:
     """Row name -> submodule path. A torch model's rows are named after its modules; for an
     ONNX model, onnx2torch names each module after its node."""
-    if analysis.loaded.format == "onnx":
+    if analysis.loaded.format is Kind.ONNX:
         nodes = {n.name: n.onnx_name.lstrip("/") for n in analysis.graph.nodes}
         candidates = {c.name: nodes.get(c.name, "") for c in changes}
     else:
@@ -472,12 +334,14 @@ def _write_parametrized(analysis: Analysis, source: Path, output: Path, changes:
     for c in changes:
         if c.scale is not None and c.name not in paths:
             c.scale, c.skipped = None, f"{CANNOT} no matching module to parametrize"
-        elif c.scale is not None and analysis.loaded.format == "onnx":
+        elif c.scale is not None and analysis.loaded.format is Kind.ONNX:
             c.after_name = paths[c.name]  # onnx2torch's module name becomes the weight's name
     _refuse_unwritable(changes)
     layers = _parametrize(module, changes, paths, seed)
     payload = {"format": parametrize.FORMAT, "layers": layers, "state_dict": module.state_dict()}
-    _atomic(output, lambda buf: torch.save(payload, buf))
+    from .formats.torch_write import save_object
+
+    save_object(output, payload)
 
     def rebuild() -> nn.Module:
         """The written file loaded into a fresh copy of the model, its parametrized weights
@@ -494,42 +358,10 @@ def _write_parametrized(analysis: Analysis, source: Path, output: Path, changes:
     return rebuild
 
 
-def _write(analysis: Analysis, source: Path, output: Path, scales: Rewrite, trust: bool) -> None:
-    fmt = analysis.loaded.format
-    if fmt == "onnx":
-        model = _rewrite_onnx(analysis.loaded.onnx_model, scales)
-        _atomic(output, lambda buf: buf.write(model.SerializeToString()))
-        return
-    if fmt == "torchscript":
-        from .formats.torch_format import _jit_load
+def _write(analysis: Analysis, source: Path, output: Path, rewrite: Rewrite, trust: bool) -> None:
+    from .formats import save_scaled
 
-        if not trust:
-            raise UntrustedInputError(
-                f"{source} is a TorchScript archive: writing it back needs torch.jit.load, which runs "
-                "code stored in it; if you trust it, pass --trust")
-
-        module = _jit_load(source)
-        _scale_module(module, scales)
-        _atomic(output, lambda buf: torch.jit.save(module, buf))
-        return
-    if fmt in ("pickled-module", "checkpoint-module", "state_dict"):
-        from .formats.torch_format import _torch_load
-
-        obj = _torch_load(source, trust)
-        if isinstance(obj, torch.nn.Module):
-            _scale_module(obj, scales)
-        elif fmt == "checkpoint-module":
-            from .formats.torch_format import _find_module
-
-            module = _find_module(obj)
-            assert module is not None
-            _scale_module(module, scales)
-        else:
-            obj = _rewrite_checkpoint(obj, scales)
-        _atomic(output, lambda buf: torch.save(obj, buf))
-        return
-    raise UsageError(f"normalize cannot write the {fmt} format yet (ONNX, TorchScript, torch.save "
-                     "checkpoints and pickled modules are supported)")
+    save_scaled(analysis.loaded, source, output, rewrite, trust=trust)
 
 
 PARAMETRIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -567,7 +399,9 @@ def _parametrize(module: nn.Module, changes: list[LayerChange], modules: dict[st
         else:
             baked[f"{path}.weight"] = c.scale
     if baked:
-        _scale_module(module, Rewrite(scales=baked))
+        from .formats.torch_write import scale_module
+
+        scale_module(module, Rewrite(scales=baked))
     return layers
 
 
@@ -618,7 +452,7 @@ def normalize(
     before = run_analysis(source, input_shape, settings, trust=trust, progress=progress,
                           architecture=architecture)
     changes = plan(before, target=target, clip=clip, budget=budget, layers=layers, exclude=exclude)
-    scales = Rewrite.of(changes)
+    scales = _rewrite_of(changes)
     if layers and not any(c.skipped != "not selected" for c in changes):
         raise UsageError(f"{{param}} {' '.join(layers)} matches no layer (see `lipcheck inspect` for names)",
                          param="layers")
@@ -633,7 +467,7 @@ def normalize(
         # The proof loads the written file into a fresh copy of the architecture.
         shape = input_shape or tuple(int(d) for d in before.report.model.input_shape or ())
         after = run_analysis(rebuild(), shape or None, settings, progress=progress)
-        after.report.model.path, after.report.model.format = str(output), "lipcheck-parametrized"
+        after.report.model.path, after.report.model.format = str(output), Kind.PARAMETRIZED.value
         after.report.model.sha256 = sha256_of(output)
     else:
         after = run_analysis(output, input_shape, settings, trust=trust, progress=progress,

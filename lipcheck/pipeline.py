@@ -68,16 +68,17 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None
     if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
         raise UsageError(f"{{param}} must be positive dims, batch first, got {input_shape}", param="input_shape")
     if isinstance(source, torch.nn.Module):
-        from .formats.torch_format import _from_module
+        from .formats import Kind
+        from .formats.torch_format import from_module
 
-        loaded: Loaded = _from_module(source, "module", input_shape, scripted=False)
-        info = ModelInfo(path="<in-memory>", sha256="", format=loaded.format)
+        loaded: Loaded = from_module(source, Kind.MODULE, input_shape)
+        info = ModelInfo(path="<in-memory>", sha256="", format=loaded.format.value)
     else:
         from .formats import load
 
         path = Path(source)
         loaded = load(path, trust=trust, input_shape=input_shape, architecture=architecture)
-        info = ModelInfo(path=str(path), sha256=sha256_of(path), format=loaded.format)
+        info = ModelInfo(path=str(path), sha256=sha256_of(path), format=loaded.format.value)
     info.input_shape = list(input_shape) if input_shape else None
     return analyze_loaded(loaded, info, settings, progress)
 

@@ -88,18 +88,18 @@ class Report:
             "skipped": [asdict(s) for s in self.skipped],
             "notes": list(self.notes),
         }
-        return _finite(doc)
+        return json_safe(doc)
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN or Infinity: non-finite floats become null (the row's note
     or the network reason says why)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

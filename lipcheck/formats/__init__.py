@@ -24,6 +24,8 @@ from ..errors import InputError, UnsupportedInputError
 if TYPE_CHECKING:
     import onnx
 
+    from ..rewrite import Rewrite
+
 
 class Format(str, enum.Enum):
     ONNX = "onnx"
@@ -34,11 +36,26 @@ class Format(str, enum.Enum):
     SAFETENSORS = "safetensors"
 
 
+class Kind(str, enum.Enum):
+    """What a loaded model is, which decides how normalize writes it back; its value is the
+    report's ``model.format``."""
+
+    ONNX = "onnx"
+    TORCHSCRIPT = "torchscript"
+    TORCH_EXPORT = "torch-export"
+    SAFETENSORS = "safetensors"
+    STATE_DICT = "state_dict"  # a torch.save state_dict or checkpoint dict of tensors
+    PICKLED_MODULE = "pickled-module"  # torch.save(model)
+    CHECKPOINT_MODULE = "checkpoint-module"  # a checkpoint dict holding a module
+    MODULE = "module"  # an nn.Module handed to the API
+    PARAMETRIZED = "lipcheck-parametrized"  # normalize --mode parametrize's output
+
+
 @dataclass
 class Loaded:
     """What a loader hands to the analysis: a graph (ONNX), or bare tensors."""
 
-    format: str
+    format: Kind
     onnx_model: onnx.ModelProto | None = None
     tensors: dict[str, Any] | None = None  # name -> torch.Tensor, for per-tensor analysis
     input_shape: tuple[int, ...] | None = None
@@ -194,23 +211,23 @@ def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None
     if fmt is Format.ONNX:
         from .onnx_format import load_onnx
 
-        return Loaded(format=fmt.value, onnx_model=load_onnx(path), input_shape=input_shape)
+        return Loaded(format=Kind.ONNX, onnx_model=load_onnx(path), input_shape=input_shape)
     if fmt is Format.SAFETENSORS:
         from .safetensors_format import load_safetensors
 
         tensors = load_safetensors(path)
         if architecture is not None:
             from .. import architecture as arch
-            from .torch_format import _from_module
+            from .torch_format import from_module
 
             module = arch.build(architecture, trust=trust)
             arch.load_weights(module, tensors, architecture, path)
-            return _from_module(module, fmt.value, input_shape, scripted=False)
+            return from_module(module, Kind.SAFETENSORS, input_shape)
         if input_shape is not None:
             from ..errors import UsageError
 
             raise UsageError(NO_GRAPH_SHAPE.format(what=f"the safetensors file {path}"))
-        loaded = Loaded(format=fmt.value, tensors=tensors, input_shape=input_shape)
+        loaded = Loaded(format=Kind.SAFETENSORS, tensors=tensors, input_shape=input_shape)
         loaded.why_no_graph = (
             "a safetensors file has weights but no graph, so no network bound can be composed; "
             "analyse the ONNX or TorchScript form (with --input-shape) for one"
@@ -219,3 +236,23 @@ def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None
     from . import torch_format
 
     return torch_format.load(path, fmt, trust=trust, input_shape=input_shape, architecture=architecture)
+
+
+def save_scaled(loaded: Loaded, source: Path, output: Path, rewrite: Rewrite, *, trust: bool) -> None:
+    """Write ``source`` to ``output`` in its own format with ``rewrite`` applied (normalize's
+    bake mode). Nothing is written when the rewrite cannot be carried out."""
+    if loaded.format is Kind.ONNX:
+        from .onnx_write import save_scaled as save_onnx
+
+        assert loaded.onnx_model is not None
+        save_onnx(loaded.onnx_model, output, rewrite)
+        return
+    if loaded.format in (Kind.TORCHSCRIPT, Kind.PICKLED_MODULE, Kind.CHECKPOINT_MODULE, Kind.STATE_DICT):
+        from .torch_write import save_scaled as save_torch
+
+        save_torch(loaded.format, source, output, rewrite, trust)
+        return
+    from ..errors import UsageError
+
+    raise UsageError(f"normalize cannot write the {loaded.format.value} format yet (ONNX, TorchScript, "
+                     "torch.save checkpoints and pickled modules are supported)")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UntrustedInputError
-from . import ZIP_ERRORS, Format, Loaded
+from . import ZIP_ERRORS, Format, Kind, Loaded
 
 # Keys under which checkpoints commonly keep their weights, most specific first.
 STATE_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "net", "network",
@@ -60,8 +60,8 @@ def load(path: Path, fmt: Format, *, trust: bool, input_shape: tuple[int, ...] |
                 f"{path} is a TorchScript archive: tracing its graph (--input-shape) runs the code stored "
                 "in it (torch.jit.load runs its __setstate__, tracing runs forward). If you trust it, pass "
                 "--trust; without --input-shape its weights are read without running anything.")
-        module = _jit_load(path)
-        return _from_module(module, fmt.value, input_shape, scripted=True)
+        module = jit_load(path)
+        return from_module(module, Kind.TORCHSCRIPT, input_shape)
     if fmt is Format.TORCH_EXPORT:
         return _load_export(path, trust, input_shape)
     if fmt is Format.PICKLE:
@@ -69,7 +69,7 @@ def load(path: Path, fmt: Format, *, trust: bool, input_shape: tuple[int, ...] |
     else:
         if not is_zip:
             check_legacy_sizes(path)
-        obj = _torch_load(path, trust)
+        obj = torch_load(path, trust)
     return _from_object(path, obj, input_shape, architecture, trust)
 
 
@@ -81,21 +81,21 @@ def _is_zip(path: Path) -> bool:
 def _from_object(path: Path, obj: Any, input_shape: tuple[int, ...] | None,
                  architecture: str | None = None, trust: bool = False) -> Loaded:
     if architecture is not None and (isinstance(obj, torch.nn.Module) or (
-            isinstance(obj, Mapping) and _find_module(obj) is not None)):
+            isinstance(obj, Mapping) and find_module(obj) is not None)):
         from ..errors import UsageError
 
         raise UsageError(f"{{param}} is for files of weights only; {path} holds a pickled module "
                          "with its own architecture", param="architecture")
     if isinstance(obj, torch.nn.Module):
-        return _from_module(obj, "pickled-module", input_shape, scripted=False)
+        return from_module(obj, Kind.PICKLED_MODULE, input_shape)
     if isinstance(obj, torch.Tensor):
         obj = {"tensor": obj}
     elif isinstance(obj, (list, tuple)) and obj and all(isinstance(v, torch.Tensor) for v in obj):
         obj = {str(i): v for i, v in enumerate(obj)}
     if isinstance(obj, Mapping):
-        module = _find_module(obj)
+        module = find_module(obj)
         if module is not None:
-            return _from_module(module, "checkpoint-module", input_shape, scripted=False)
+            return from_module(module, Kind.CHECKPOINT_MODULE, input_shape)
         key, tensors = _find_state_dict(obj)
         if not tensors:
             raise InputError(f"{path}: no tensors found in the checkpoint (keys: {_keys(obj)})")
@@ -104,7 +104,7 @@ def _from_object(path: Path, obj: Any, input_shape: tuple[int, ...] | None,
 
             module = arch.build(architecture, trust=trust)
             arch.load_weights(module, tensors, architecture, path)
-            built = _from_module(module, "state_dict", input_shape, scripted=False)
+            built = from_module(module, Kind.STATE_DICT, input_shape)
             if key:
                 built.notes.append(f"weights read from checkpoint key '{key}'")
             return built
@@ -113,7 +113,7 @@ def _from_object(path: Path, obj: Any, input_shape: tuple[int, ...] | None,
             from . import NO_GRAPH_SHAPE
 
             raise UsageError(NO_GRAPH_SHAPE.format(what=f"the state_dict in {path}"))
-        loaded = Loaded(format="state_dict", tensors=tensors, input_shape=input_shape)
+        loaded = Loaded(format=Kind.STATE_DICT, tensors=tensors, input_shape=input_shape)
         loaded.why_no_graph = (
             "a state_dict has weights but no graph, so no network bound can be composed; "
             "analyse the ONNX or TorchScript form (with --input-shape) for one"
@@ -274,7 +274,7 @@ GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 REFUSED_WORDS = ("Unsupported global", "unsupported GLOBAL", "Unsupported class", "not an allowed global")
 
 
-def _torch_load(path: Path, trust: bool) -> Any:
+def torch_load(path: Path, trust: bool) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -398,24 +398,24 @@ def _raw_pickle_load(path: Path, trust: bool) -> Any:
 # --------------------------------------------------------------------------- state dicts
 
 
-def _find_module(obj: Mapping[Any, Any]) -> torch.nn.Module | None:
+def find_module(obj: Mapping[Any, Any]) -> torch.nn.Module | None:
     for key in STATE_KEYS:
         if isinstance(obj.get(key), torch.nn.Module):
             return obj[key]
     return None
 
 
-def _is_tensor_dict(obj: Any) -> bool:
+def is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(
         isinstance(v, torch.Tensor) for v in obj.values()
     )
 
 
 def _find_state_dict(obj: Mapping[Any, Any]) -> tuple[str, dict[str, torch.Tensor]]:
-    if _is_tensor_dict(obj):
+    if is_tensor_dict(obj):
         return "", _strip_prefix({str(k): v for k, v in obj.items()})
     for key in STATE_KEYS:
-        if _is_tensor_dict(obj.get(key)):
+        if is_tensor_dict(obj.get(key)):
             return key, _strip_prefix({str(k): v for k, v in obj[key].items()})
     # Otherwise: every tensor in the dict (and in its lists), nested keys joined with '.'.
     flat: dict[str, torch.Tensor] = {}
@@ -582,8 +582,8 @@ def _script_weights(path: Path, trust: bool) -> Loaded:
             root = unpickler.load()
     except _Refused as exc:
         if trust:
-            module = _jit_load(path)
-            return _from_module(module, Format.TORCHSCRIPT.value, None, scripted=True)
+            module = jit_load(path)
+            return from_module(module, Kind.TORCHSCRIPT, None)
         raise UntrustedInputError(
             f"{path} is a TorchScript archive whose weights reference the Python global {exc}; "
             "reading them needs torch.jit.load, which runs code from the file. If you trust it, pass --trust."
@@ -596,10 +596,10 @@ def _script_weights(path: Path, trust: bool) -> Loaded:
     _walk_tensors("", root, tensors, set())
     if not tensors:
         raise InputError(f"{path}: no tensors found in the TorchScript archive")
-    return _per_tensor(Format.TORCHSCRIPT.value, tensors)
+    return _per_tensor(Kind.TORCHSCRIPT, tensors)
 
 
-def _jit_load(path: Path) -> torch.jit.ScriptModule:
+def jit_load(path: Path) -> torch.jit.ScriptModule:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -628,23 +628,23 @@ def _load_export(path: Path, trust: bool, input_shape: tuple[int, ...] | None) -
         user = [m for m in metas if isinstance(m, torch.Tensor)]
         if user:
             input_shape = tuple(int(d) for d in user[-1].shape)
-    return _from_module(program.module(), Format.TORCH_EXPORT.value, input_shape, scripted=False)
+    return from_module(program.module(), Kind.TORCH_EXPORT, input_shape)
 
 
 # --------------------------------------------------------------------------- modules
 
 
-def _per_tensor(fmt: str, tensors: dict[str, torch.Tensor]) -> Loaded:
+def _per_tensor(fmt: Kind, tensors: dict[str, torch.Tensor]) -> Loaded:
     loaded = Loaded(format=fmt, tensors=tensors)
     loaded.why_no_graph = (
-        f"a {fmt} model carries no input shape; pass --input-shape (e.g. 1,3,224,224) "
+        f"a {fmt.value} model carries no input shape; pass --input-shape (e.g. 1,3,224,224) "
         "to trace its graph and compose a network bound"
     )
     return loaded
 
 
-def _from_module(module: torch.nn.Module, fmt: str, input_shape: tuple[int, ...] | None,
-                 scripted: bool) -> Loaded:
+def from_module(module: torch.nn.Module, fmt: Kind, input_shape: tuple[int, ...] | None) -> Loaded:
+    """A module's analysis input: traced to ONNX at ``input_shape``, else its tensors."""
     if input_shape is None:
         return _per_tensor(fmt, _module_tensors(module))
     return Loaded(format=fmt, onnx_model=to_onnx(module, input_shape), input_shape=input_shape)
