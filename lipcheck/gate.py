@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-
-GATED_KINDS = {"linear", "conv", "diagonal", "recurrent"}
+from .ops import GATED_KINDS
 
 
 @dataclass

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import ops
 from .errors import InputError, UsageError
 
 Dims = tuple[int | None, ...]
@@ -385,8 +386,6 @@ def _evaluate(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] |
     return result
 
 
-WEIGHT_SLOT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "BatchNormalization": 1, "LSTM": 1,
-               "GRU": 1, "RNN": 1, "PRelu": 1}
 # Suffixes of a stored weight's name that a layer's name drops: a plain parameter, and the
 # two ways torch keeps a spectrally normalized one (``torch.nn.utils.spectral_norm`` and
 # ``torch.nn.utils.parametrizations.spectral_norm``).
@@ -430,31 +429,19 @@ def _weight_name(graph: Graph, node: Node, uses: Counter[str]) -> str | None:
     name (``layer1.0.conv1.weight``); None when the name was made up by an exporter
     (``onnx::Conv_196``, ``val_105``) or the tensor is shared (the dynamo exporter merges
     equal initializers, so a shared name may belong to another layer)."""
-    slots = [WEIGHT_SLOT[node.op]] if node.op in WEIGHT_SLOT else []
-    if node.op in ("MatMul", "Gemm"):
-        slots = [1, 0]
-    for slot in slots:
-        src = graph.origin.get(node.inputs[slot]) if slot < len(node.inputs) else None
-        if src:
-            if uses[src] > 1:
-                return None
-            for suffix in WEIGHT_SUFFIXES:
-                if src.endswith(suffix) and len(src) > len(suffix):
-                    return src[: -len(suffix)]
-            return None
+    src = _stored_weight(graph, node)
+    if not src or uses[src] > 1:
+        return None
+    for suffix in WEIGHT_SUFFIXES:
+        if src.endswith(suffix) and len(src) > len(suffix):
+            return src[: -len(suffix)]
     return None
 
 
 def _stored_weight(graph: Graph, node: Node) -> str | None:
     """The stored tensor a weight op reads, whatever it is called."""
-    slots = [WEIGHT_SLOT[node.op]] if node.op in WEIGHT_SLOT else []
-    if node.op in ("MatMul", "Gemm"):
-        slots = [1, 0]
-    for slot in slots:
-        src = graph.origin.get(node.inputs[slot]) if slot < len(node.inputs) else None
-        if src:
-            return src
-    return None
+    slot = ops.weight_input(node, graph.static)
+    return graph.origin.get(node.inputs[slot]) if slot is not None else None
 
 
 def _name_layers(graph: Graph, used: Counter[str]) -> None:
@@ -473,13 +460,10 @@ def _name_layers(graph: Graph, used: Counter[str]) -> None:
         if src:
             uses[src] += 1
     for node in graph.nodes:
-        src = _stored_weight(graph, node)
-        if src is None and node.op not in WEIGHT_SLOT and node.op not in ("MatMul", "Gemm"):
-            continue
-        if src is None and not any(
-            i in graph.static for i in node.inputs[1:2] + node.inputs[:1] if i
-        ):
-            continue  # MatMul of two activations: not a weight op
+        slot = ops.weight_input(node, graph.static)
+        if slot is None or node.inputs[slot] not in graph.static:
+            continue  # no weight, or one computed from the input (attention's MatMul)
+        src = graph.origin.get(node.inputs[slot])
         name = _weight_name(graph, node, uses) or node.scope or (
             src[: -len(".weight")] if src and src.endswith(".weight") else src)
         if name:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import spectral
+from . import ops, spectral
 from .aliases import ProgressFn
 from .errors import InputError, UsageError
 from .formats import Kind
@@ -29,8 +29,6 @@ from .pipeline import Analysis, run_analysis, sha256_of
 from .report import Report
 from .rewrite import Rewrite
 
-# Ops whose weight lipcheck rescales, and which input holds that weight.
-WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "BatchNormalization": 1, "Gemm": None, "MatMul": None}
 # The budget search aims this much below the budget, so re-measured certificates (which
 # may differ from the first run in their last digits) still land under it.
 BUDGET_MARGIN = 1e-3
@@ -105,14 +103,6 @@ class WeightRef:
     slot: int | None = None
 
 
-def _weight_slot(graph: Any, node: Any) -> int | None:
-    slot = WEIGHT_OPS[node.op]
-    if slot is None:  # Gemm / MatMul: the constant operand
-        consts = [k for k in (1, 0) if k < len(node.inputs) and node.inputs[k] in graph.static]
-        slot = consts[0] if consts else None
-    return slot
-
-
 def _graph_weights(analysis: Analysis) -> dict[str, WeightRef]:
     """Row name -> where its weight is rewritten. A stored weight read by one layer is
     scaled in place; a shared one, or one the graph computes (a spectral norm exported as
@@ -123,9 +113,9 @@ def _graph_weights(analysis: Analysis) -> dict[str, WeightRef]:
     uses: dict[str, int] = {}
     slots: dict[str, tuple[Any, int | None, str | None]] = {}
     for node in graph.nodes:
-        if node.op not in WEIGHT_OPS:
+        if node.op not in ops.RESCALABLE:
             continue
-        slot = _weight_slot(graph, node)
+        slot = ops.weight_input(node, graph.static)
         src = graph.origin.get(node.inputs[slot]) if slot is not None else None
         if src is not None:
             uses[src] = uses.get(src, 0) + 1

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from . import ops
+
 OLD_STYLE = "torch.nn.utils.spectral_norm"
 NEW_STYLE = "torch.nn.utils.parametrizations.spectral_norm"
 _OLD = re.compile(r"^(?P<base>(?:(?P<module>.*)\.)?(?P<param>[^.]+))_orig$")
@@ -96,9 +98,10 @@ def mark_graph_rows(graph: Any, rows: list[Any]) -> None:
     by_name = {n.name: n for n in graph.nodes}
     for row in rows:
         node = by_name.get(row.name)
-        if node is None or row.kind not in ("linear", "conv") or len(node.inputs) < 2:
+        slot = ops.weight_input(node, graph.static) if node is not None else None
+        if node is None or slot is None or row.kind not in ("linear", "conv"):
             continue
-        value, divided = node.inputs[1], False
+        value, divided = node.inputs[slot], False
         for _ in range(16):  # a short chain of reshapes, casts and the division
             if value in graph.origin:
                 if divided and style_of(graph.origin[value]):
