@@ -268,9 +268,9 @@ def _refine_shapes(graph: Graph, model: onnx.ModelProto) -> bool:
         return False
     learned = False
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        dims = _dims_of(vi)
-        if dims is not None and None not in dims and graph.known_shape(vi.name) is None:
-            graph.shapes[vi.name] = dims
+        found = _dims_of(vi)
+        if found is not None and None not in found and graph.known_shape(vi.name) is None:
+            graph.shapes[vi.name] = found
             learned = True
     if learned:
         for node in graph.nodes:
@@ -332,14 +332,14 @@ def _fold_too_big(graph: Graph, node: Node) -> bool:
         dims = graph.known_shape(out) if out else None
         if dims is not None and math.prod(dims) > MAX_FOLD_ELEMENTS:
             return True
-    args = [graph.consts[i] if i else None for i in node.inputs]
+    args = [graph.consts[i] if i else np.empty(0) for i in node.inputs]
     try:
         if node.op == "ConstantOfShape":
-            size = math.prod(int(d) for d in args[0].reshape(-1))
+            size = math.prod([int(d) for d in args[0].reshape(-1)])
         elif node.op == "Expand":
             size = math.prod(np.broadcast_shapes(args[0].shape, tuple(int(d) for d in args[1].reshape(-1))))
         elif node.op == "Tile":
-            size = math.prod(int(d) * int(r) for d, r in zip(args[0].shape, args[1].reshape(-1)))
+            size = math.prod([int(d) * int(r) for d, r in zip(args[0].shape, args[1].reshape(-1))])
         elif node.op == "Range":
             start, limit, delta = (float(a.reshape(-1)[0]) for a in args[:3])
             size = math.ceil((limit - start) / delta) if delta else 0

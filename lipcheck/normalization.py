@@ -109,6 +109,7 @@ def _graph_weights(analysis: Analysis) -> dict[str, WeightRef]:
     nodes), gets a Mul before the reading layer in an ONNX file. A torch model's computed
     weight is found among its spectrally normalized parameters when written."""
     graph = analysis.graph
+    assert graph is not None
     onnx_file = analysis.loaded.format is Kind.ONNX
     uses: dict[str, int] = {}
     slots: dict[str, tuple[Any, int | None, str | None]] = {}
@@ -201,7 +202,7 @@ def _refuse_unwritable(changes: list[LayerChange]) -> None:
     stuck = [c for c in changes if c.skipped and c.skipped.startswith(CANNOT) and c.target is not None
              and (c.before is None or not c.before <= c.target)]
     if stuck:
-        shown = "; ".join(f"{c.name} ({c.skipped[len(CANNOT):].strip()})" for c in stuck[:5])
+        shown = "; ".join(f"{c.name} ({(c.skipped or '')[len(CANNOT):].strip()})" for c in stuck[:5])
         more = f" and {len(stuck) - 5} more" if len(stuck) > 5 else ""
         raise UsageError(f"cannot normalize {len(stuck)} selected layer(s) above the target: {shown}{more}; "
                          "nothing was written (leave them out with --exclude)")
@@ -219,6 +220,7 @@ def _scales_at(active: list[LayerChange], t: float, clip: bool) -> dict[str, flo
 def _budget_level(analysis: Analysis, active: list[LayerChange], budget: float, clip: bool) -> float:
     from .bound import network_bound
 
+    assert analysis.graph is not None and analysis.composition is not None  # a graph was analysed
     graph, steps = analysis.graph, analysis.composition.steps
 
     def bound_at(t: float) -> float:
@@ -297,6 +299,7 @@ def _module_paths(analysis: Analysis, module: nn.Module, changes: list[LayerChan
     """Row name -> submodule path. A torch model's rows are named after its modules; for an
     ONNX model, onnx2torch names each module after its node."""
     if analysis.loaded.format is Kind.ONNX:
+        assert analysis.graph is not None
         nodes = {n.name: n.onnx_name.lstrip("/") for n in analysis.graph.nodes}
         candidates = {c.name: nodes.get(c.name, "") for c in changes}
     else:
@@ -486,6 +489,7 @@ def _verify(result: NormalizeResult, settings: spectral.Settings) -> None:
         # The estimate is a lower bound and must not exceed the target beyond the iteration
         # tolerance; without an estimate (a conv with no input size) the certificate, re-run
         # with its own stopping gap, must not either.
+        value: float | None
         if row.sigma is not None:
             value, slack = row.sigma, settings.tol
         else:

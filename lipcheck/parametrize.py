@@ -27,7 +27,7 @@ class Scale(nn.Module):
         self.register_buffer("factor", torch.tensor(float(factor), dtype=torch.float64))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.factor.to(weight.dtype)
+        return weight * self.get_buffer("factor").to(weight.dtype)
 
 
 FORMAT = "lipcheck-parametrized"

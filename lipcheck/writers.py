@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from typing import Any
 
 from .report import LAYER_FIELDS, SCHEMA_VERSION
@@ -89,8 +90,12 @@ def inspect_markdown(docs: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def _junit(suites: list[tuple[str, list[tuple[str, str | None, str]]]]) -> str:
-    """suites: (name, [(case name, failure message or None, detail)])."""
+# A JUnit test case: (name, failure message or None when it passed, detail text).
+Case = tuple[str, str | None, str]
+
+
+def _junit(suites: Sequence[tuple[str, Sequence[Case]]]) -> str:
+    """suites: (suite name, its cases)."""
     root = ET.Element("testsuites", name="lipcheck")
     total = failures = 0
     for suite_name, cases in suites:

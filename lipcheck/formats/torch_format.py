@@ -369,6 +369,7 @@ def _skip_pickles(data: bytes, count: int) -> bytes:
     for _ in range(count):
         for op, _, pos in pickletools.genops(data[position:]):
             if op.name == "STOP":
+                assert pos is not None  # genops gives positions for in-memory data
                 position += pos + 1
                 break
     return data[position:]

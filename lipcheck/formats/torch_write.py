@@ -25,9 +25,9 @@ def save_scaled(kind: Kind, source: Path, output: Path, rewrite: Rewrite, trust:
             raise UntrustedInputError(
                 f"{source} is a TorchScript archive: writing it back needs torch.jit.load, which runs "
                 "code stored in it; if you trust it, pass --trust")
-        module = jit_load(source)
-        scale_module(module, rewrite)
-        _atomic(output, lambda buf: torch.jit.save(module, buf))
+        script = jit_load(source)
+        scale_module(script, rewrite)
+        _atomic(output, lambda buf: torch.jit.save(script, buf))
         return
     obj = torch_load(source, trust)
     if isinstance(obj, torch.nn.Module):

@@ -105,7 +105,7 @@ def matmul(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if w.ndim > 2 and xs is not None and np.prod(w.shape[:-2]) > 1:
         # A batch of different weights applied to broadcast copies of x: bound each
         # copy by the largest sigma, then sqrt(#copies) for the replication.
-        copies = np.prod(w.shape[:-2]) / max(1, np.prod(xs[:-2]))
+        copies = float(np.prod(w.shape[:-2])) / max(1, math.prod(xs[:-2]))
         if copies > 1:
             row.lipschitz = (row.lipschitz or 0.0) * math.sqrt(copies)
             note = f"weight batch broadcast over the input: x sqrt({int(copies)})"
