@@ -245,7 +245,7 @@ def save_scaled(loaded: Loaded, source: Path, output: Path, rewrite: Rewrite, *,
         from .onnx_write import save_scaled as save_onnx
 
         assert loaded.onnx_model is not None
-        save_onnx(loaded.onnx_model, output, rewrite)
+        save_onnx(loaded.onnx_model, output, rewrite, source)
         return
     if loaded.format in (Kind.TORCHSCRIPT, Kind.PICKLED_MODULE, Kind.CHECKPOINT_MODULE, Kind.STATE_DICT):
         from .torch_write import save_scaled as save_torch
