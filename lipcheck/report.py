@@ -24,6 +24,11 @@ class LayerRow:
     bound        certified bound from the network input to this op's output
     spectral_norm which torch spectral normalization the stored weight carries, if any
                  (the row then describes the effective weight W_orig / u.W_orig v)
+    rms_to_rms   sigma * sqrt(fan_in / fan_out): the matrix's norm from RMS to RMS (the
+                 spectral condition of Yang, Simon & Bernstein 2023), for weights without a graph
+    stable_rank  ||W||_F^2 / sigma^2
+    block, role  for transformer checkpoints: the block index and what the matrix is
+                 (q, k, v, o, qkv, gate, up, down, gate_up, router, embed, lm_head)
     """
 
     name: str
@@ -40,6 +45,10 @@ class LayerRow:
     bound: float | None = None
     note: str | None = None
     spectral_norm: str | None = None
+    rms_to_rms: float | None = None
+    stable_rank: float | None = None
+    block: int | None = None
+    role: str | None = None
 
 
 @dataclass

@@ -15,6 +15,7 @@ import pickletools
 import stat
 import struct
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ class Kind(str, enum.Enum):
     CHECKPOINT_MODULE = "checkpoint-module"  # a checkpoint dict holding a module
     MODULE = "module"  # an nn.Module handed to the API
     PARAMETRIZED = "lipcheck-parametrized"  # normalize --mode parametrize's output
+    CHECKPOINT_FOLDER = "checkpoint-folder"  # a Hugging Face model folder, shards and index
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Loaded:
 
     format: Kind
     onnx_model: onnx.ModelProto | None = None
-    tensors: dict[str, Any] | None = None  # name -> torch.Tensor, for per-tensor analysis
+    tensors: Mapping[str, Any] | None = None  # name -> torch.Tensor (maybe read when asked for)
     input_shape: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)
     why_no_graph: str = ""
@@ -197,8 +199,17 @@ def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None
         mode = path.stat().st_mode
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(mode):
-        raise InputError(f"{path} is a directory, not a model file")
+    from .checkpoint_folder import is_checkpoint_path
+
+    if is_checkpoint_path(path):
+        from .checkpoint_folder import load_checkpoint_folder
+
+        if input_shape is not None or architecture is not None:
+            from ..errors import UsageError
+
+            raise UsageError(f"{{param}} is not used for a model folder ({path}): its matrices are "
+                             "reported one by one", param="input_shape" if input_shape else "architecture")
+        return load_checkpoint_folder(path)
     if not stat.S_ISREG(mode):
         # A FIFO or device would block or never end; lipcheck reads regular files only.
         raise InputError(f"{path} is not a regular file (a pipe, socket or device)")

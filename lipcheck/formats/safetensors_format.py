@@ -16,6 +16,7 @@ import math
 import os
 import struct
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,27 +45,50 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 
 
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if sys.byteorder != "little":  # the data is little-endian; frombuffer reads native order
-        raise InputError(f"{path}: safetensors files are read on little-endian machines only")
-    with path.open("rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        header_len, entries = _read_header(fh, size, path)
-        data_start = 8 + header_len
-        layout = _validate(entries, size - data_start, path)
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A safetensors file as a mapping of its tensors, each read from the file when it is
+    asked for (so a model larger than memory is analysed one tensor at a time). The whole
+    header is validated when the file is opened, before any data is read."""
+
+    def __init__(self, path: Path) -> None:
+        if sys.byteorder != "little":  # the data is little-endian; frombuffer reads native order
+            raise InputError(f"{path}: safetensors files are read on little-endian machines only")
+        self.path = path
+        with path.open("rb") as fh:
+            self.size = os.fstat(fh.fileno()).st_size
+            header_len, entries = _read_header(fh, self.size, path)
+        self.data_start = 8 + header_len
+        layout = _validate(entries, self.size - self.data_start, path)
         if not layout:
             raise InputError(f"{path}: the safetensors header describes no tensors")
-        tensors: dict[str, torch.Tensor] = {}
-        for name, dtype, shape, begin, end in layout:
-            if end == begin:
-                tensors[name] = torch.empty(shape, dtype=dtype)
-                continue
-            fh.seek(data_start + begin)
+        self.layout = {name: (dtype, shape, begin, end) for name, dtype, shape, begin, end in layout}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.layout[name]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        with self.path.open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size != self.size:
+                raise InputError(f"{self.path} changed size while lipcheck read it")
+            fh.seek(self.data_start + begin)
             raw = bytearray(fh.read(end - begin))
-            if len(raw) != end - begin:  # the file shrank while being read
-                raise InputError(f"{path}: tensor '{name}' is cut short (file truncated while reading)")
-            tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
-    return tensors
+        if len(raw) != end - begin:  # the file shrank while being read
+            raise InputError(f"{self.path}: tensor '{name}' is cut short (file truncated while reading)")
+        return torch.frombuffer(raw, dtype=dtype).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout)
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.layout[name][1]
+
+
+def load_safetensors(path: Path) -> SafetensorsFile:
+    """The file's tensors, validated now and read lazily."""
+    return SafetensorsFile(path)
 
 
 def _read_header(fh: Any, size: int, path: Path) -> tuple[int, dict[str, Any]]:

@@ -7,10 +7,11 @@ replaced by the weight the layer really uses (see :mod:`lipcheck.snorm`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 
 import torch
 
-from .. import snorm, spectral
+from .. import names, snorm, spectral
 from ..aliases import ProgressFn
 from ..report import LayerRow, SkippedOp
 
@@ -34,56 +35,108 @@ def _float_weight(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     return t.detach().to(torch.float64), ""
 
 
-def _effective_weights(tensors: dict[str, torch.Tensor], skipped: list[SkippedOp]
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str, int]], int]:
-    """The tensors with each spectrally normalized parameter replaced by the weight the
-    layer really uses (under ``<layer>.weight``, in the original's place), its u and v
-    dropped; per new key the SN style, a description and the dim SN reshapes along (1 for
-    a ConvTranspose); how many u/v tensors were dropped."""
-    found = snorm.find(tensors)
-    if not found:
-        return tensors, {}, 0
-    vectors = {k for sn in found.values() for k in (sn.u, sn.v)}
-    out: dict[str, torch.Tensor] = {}
-    notes: dict[str, tuple[str, str, int]] = {}
-    for key, t in tensors.items():
-        if key in vectors:
-            continue
-        sn = found.get(key)
+class _EffectiveWeights(Mapping[str, torch.Tensor]):
+    """A view of ``base`` in which each spectrally normalized parameter is replaced, in its
+    place and under ``<layer>.weight``, by the weight the layer really uses (computed when
+    asked for), and its u and v are left out. Nothing is read until a tensor is asked for."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], found: dict[str, snorm.SNWeight]) -> None:
+        self.base = base
+        self.vectors = {k for sn in found.values() for k in (sn.u, sn.v)}
+        self.computed = {(sn.layer + ".weight" if sn.layer != "weight" else "weight"): sn
+                         for sn in found.values()}
+        self.order = [next((n for n, sn in self.computed.items() if sn.original == k), k)
+                      for k in base if k not in self.vectors]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        sn = self.computed.get(key)
         if sn is None:
-            out[key] = t
-            continue
+            if key in self.vectors:
+                raise KeyError(key)
+            return self.base[key]
+        return snorm.effective_weight(self.base[sn.original], self.base[sn.u], self.base[sn.v])[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def _sn_notes(tensors: Mapping[str, torch.Tensor], found: dict[str, snorm.SNWeight],
+              skipped: list[SkippedOp]) -> dict[str, tuple[str, str, int]]:
+    """Per effective-weight key: the SN style, a description, and the dim SN reshapes along
+    (1 for a ConvTranspose). Parameters whose u, v do not fit are listed under skipped."""
+    notes: dict[str, tuple[str, str, int]] = {}
+    for sn in found.values():
         try:
-            w, sigma_uv, dim = snorm.effective_weight(t, tensors[sn.u], tensors[sn.v])
+            _, sigma_uv, dim = snorm.effective_weight(tensors[sn.original], tensors[sn.u], tensors[sn.v])
         except (ValueError, RuntimeError) as exc:
-            skipped.append(SkippedOp(key, "tensor", f"spectral-norm vectors do not fit the weight: {exc}"))
+            skipped.append(SkippedOp(sn.original, "tensor", f"spectral-norm vectors do not fit the weight: {exc}"))
             continue
         name = sn.layer + ".weight" if sn.layer != "weight" else "weight"
-        out[name] = w
         notes[name] = (sn.style, snorm.describe(sn, sigma_uv), dim)
-    return out, notes, len(vectors)
+    return notes
 
 
-def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, notes: list[str],
+def _matrix_row(name: str, key: str, w: torch.Tensor, settings: spectral.Settings) -> LayerRow:
+    """A stored matrix: its sigma, certificate, RMS-to-RMS norm and stable rank, and for a
+    transformer checkpoint its block and role (see :mod:`lipcheck.names`)."""
+    parsed = names.parse(key)
+    est = spectral.matrix_estimate(w, settings)
+    cert = spectral.gram_upper_bound(w, est.sigma)
+    fan_out, fan_in = (w.shape[1], w.shape[0]) if parsed.in_first else (w.shape[0], w.shape[1])
+    embedding = parsed.role == "embed"
+    row = LayerRow(name=name, op="Embedding" if embedding else "Linear",
+                   kind="embedding" if embedding else "linear", sigma=est.sigma, sigma_upper=cert.value,
+                   upper_method=cert.method, lipschitz=cert.value, iterations=est.iterations,
+                   converged=est.converged, block=parsed.block, role=parsed.role)
+    if est.sigma is not None and math.isfinite(est.sigma) and est.sigma > 0:
+        row.rms_to_rms = est.sigma * math.sqrt(fan_in / fan_out)
+        row.stable_rank = float(torch.linalg.vector_norm(w)) ** 2 / est.sigma**2
+    if embedding:
+        row.note = "a lookup table: its sigma is reported, but it is not part of a Lipschitz chain"
+    elif parsed.in_first:
+        row.note = "stored as [in, out] (GPT-2 Conv1D)"
+    return row
+
+
+def _experts_summary(key: str, rows: list[LayerRow]) -> str:
+    values = sorted((r.sigma, i) for i, r in enumerate(rows) if r.sigma is not None)
+    if not values:
+        return f"{key}: {len(rows)} experts, no finite sigma"
+    median = values[len(values) // 2][0] if len(values) % 2 else (
+        values[len(values) // 2 - 1][0] + values[len(values) // 2][0]) / 2
+    return (f"{key}: {len(rows)} experts ([E, out, in]); sigma max {values[-1][0]:.6g} (expert "
+            f"{values[-1][1]}), median {median:.6g}, min {values[0][0]:.6g} (expert {values[0][1]})")
+
+
+def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings, notes: list[str],
                 progress: ProgressFn | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
     """Per-tensor numbers for weights without a graph: 2-D = a linear layer, 3-5-D = a
     conv kernel (reshaped norm and a size-independent certified bound), BatchNorm from
     its weight and running_var. Every other tensor is either passive (biases, BatchNorm
-    statistics: counted in a note) or listed under skipped with the reason."""
+    statistics: counted in a note) or listed under skipped with the reason. ``tensors`` may
+    read each tensor from disk when asked for: one is held at a time."""
     rows: list[LayerRow] = []
     skipped: list[SkippedOp] = []
     passive = 0  # biases and BatchNorm statistics: no effect on a Lipschitz constant
-    tensors, sn_notes, sn_vectors = _effective_weights(tensors, skipped)
-    names = list(tensors)
-    for i, key in enumerate(names):
+    found = snorm.find(tensors)
+    sn_notes = _sn_notes(tensors, found, skipped)
+    sn_vectors = 2 * len(found)
+    if found:
+        tensors = _EffectiveWeights(tensors, {k: sn for k, sn in found.items()
+                                              if (sn.layer + ".weight" if sn.layer != "weight" else "weight")
+                                              in sn_notes})
+    keys = list(tensors)
+    for i, key in enumerate(keys):
         if progress is not None:
-            progress(i, len(names), key)
+            progress(i, len(keys), key)
         t = tensors[key]
         layer, _, leaf = key.rpartition(".")
         layer = layer or key
-        bn_weight = tensors.get(f"{layer}.weight")
-        bn_stat = (leaf == "running_var" and isinstance(bn_weight, torch.Tensor)
-                   and bn_weight.ndim == 1 and bn_weight.shape == t.shape)
+        bn_weight = tensors.get(f"{layer}.weight") if leaf == "running_var" else None
+        bn_stat = (isinstance(bn_weight, torch.Tensor) and bn_weight.ndim == 1 and bn_weight.shape == t.shape)
         if leaf in PASSIVE_LEAVES or leaf.startswith("bias_") or bn_stat:
             passive += 1
             continue
@@ -91,7 +144,7 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
         if w is None:
             skipped.append(SkippedOp(key, "tensor", how))
             continue
-        var_t = tensors.get(f"{layer}.running_var")
+        var_t = tensors.get(f"{layer}.running_var") if leaf == "weight" and t.ndim == 1 else None
         if leaf == "weight" and t.ndim == 1 and isinstance(var_t, torch.Tensor) and var_t.shape == t.shape:
             var, _ = _float_weight(var_t)
             if var is None:
@@ -108,14 +161,14 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
                                  sigma_upper=0.0, upper_method="exact (empty)", lipschitz=0.0,
                                  iterations=0, converged=True, note=f"0-size weight {list(t.shape)}"))
         elif t.ndim == 2:
-            est = spectral.matrix_estimate(w, settings)
-            cert = spectral.gram_upper_bound(w, est.sigma)
-            rows.append(LayerRow(name=key if leaf != "weight" else layer, op="Linear",
-                                 kind="linear", sigma=est.sigma, sigma_upper=cert.value,
-                                 upper_method=cert.method, lipschitz=cert.value,
-                                 iterations=est.iterations, converged=est.converged))
+            rows.append(_matrix_row(key if leaf != "weight" else layer, key, w, settings))
             if key in sn_notes:
-                rows[-1].sigma_matrix = est.sigma  # a matrix's reshaped norm is its norm
+                rows[-1].sigma_matrix = rows[-1].sigma  # a matrix's reshaped norm is its norm
+        elif t.ndim == 3 and "experts" in key.split("."):
+            expert_rows = [_matrix_row(f"{key}[{e}]", key, w[e], settings) for e in range(w.shape[0])]
+            rows.extend(expert_rows)
+            notes.append(_experts_summary(key, expert_rows))
+            continue
         elif 3 <= t.ndim <= 5:
             # A spectrally normalized ConvTranspose (SN reshapes it along dim 1) is reported
             # with SN's own reshape; the certificate is the same for a conv and its adjoint.
@@ -131,6 +184,10 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
                 note="no graph: input size unknown; sigma_upper holds for any input size, "
                      "stride, dilation and groups with zero padding",
             ))
+        elif t.ndim == 1 and names.parse(key).role == "norm":
+            skipped.append(SkippedOp(key, "tensor", "1-D tensor, the scale of a normalization (LayerNorm/RMSNorm "
+                                                    "gamma): not a linear map on its own"))
+            continue
         else:
             skipped.append(SkippedOp(key, "tensor", f"{t.ndim}-D tensor: not a layer weight lipcheck knows"))
             continue
@@ -142,7 +199,7 @@ def tensor_rows(tensors: dict[str, torch.Tensor], settings: spectral.Settings, n
             rows[-1].spectral_norm = style
             rows[-1].note = f"{text}; {rows[-1].note}" if rows[-1].note else text
     if progress is not None:
-        progress(len(names), len(names), "")
+        progress(len(keys), len(keys), "")
     if passive:
         notes.append(f"{passive} bias / BatchNorm statistics tensors: they do not change a "
                      "Lipschitz constant")
