@@ -566,7 +566,7 @@ def polyphase_kernel(weight: torch.Tensor, stride: Sequence[int], dilation: Sequ
         r_flat = 0
         for i in range(d):
             r_flat = r_flat * stride[i] + r[i]
-        out[(slice(None), slice(None), r_flat, *q)] = weight[(slice(None), slice(None), *tap)]
+        out[(slice(None), slice(None), r_flat, *q)] = weight[(slice(None), slice(None), *tap)]  # type: ignore[index]
     return out.reshape(rows, cols * phases, *q_ext)
 
 

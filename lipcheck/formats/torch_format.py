@@ -695,7 +695,7 @@ def to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
                 _silenced_fds():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module, (example,), buffer, dynamo=False, do_constant_folding=False,
+                module, (example,), buffer, dynamo=False, do_constant_folding=False,  # type: ignore[arg-type]
                 training=torch.onnx.TrainingMode.PRESERVE, opset_version=ONNX_OPSET,
                 input_names=["input"],
             )
