@@ -243,6 +243,13 @@ def check(
     return EXIT_GATE_FAILED if failed else EXIT_OK
 
 
+def _is_report(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as fh:
+        return fh.read(1) == b"{"
+
+
 def _report_or_model(path: Path, shape: str | None, tol: float, max_iters: int, seed: int, device: Device,
                      dtype: DType, method: Method, trust: bool, progress: bool) -> dict:
     """A lipcheck JSON report is read as it is; anything else is analysed as a model."""
@@ -284,7 +291,19 @@ def diff(
     from .report import json_safe
 
     docs = [_report_or_model(p, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress) for p in (a, b)]
-    doc = json_safe(compute_diff(docs[0], docs[1]))
+    result = compute_diff(docs[0], docs[1])
+    if input_shape is None and not any(_is_report(p) for p in (a, b)):
+        # Two checkpoints of weights: the norm of each matrix's change, read pair by pair.
+        from .pipeline import make_settings
+        from .render import progress_bar
+        from .updates import update_norms, weights_of
+
+        wa, wb = weights_of(a, trust), weights_of(b, trust)
+        if wa is not None and wb is not None:
+            settings = make_settings(Options(tol, max_iters, seed, device.value, dtype.value, method.value))
+            with progress_bar(progress and sys.stderr.isatty()) as callback:
+                result["updates"] = update_norms(wa, wb, settings, callback)  # type: ignore[arg-type]
+    doc = json_safe(result)
     if format is OutputFormat.table:
         from .render import diff_table
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -141,7 +141,7 @@ def check_table(results: list[Any]) -> Table:
     return t
 
 
-def diff_table(doc: dict[str, Any]) -> Table:
+def diff_table(doc: dict[str, Any]) -> Table | Group:
     net = doc["network"]
     t = Table(title=escape(f"lipcheck diff: {doc['a']['path']} -> {doc['b']['path']}   network bound "
                            f"{fmt(net['lipschitz_bound_a'])} -> {fmt(net['lipschitz_bound_b'])}"),
@@ -155,4 +155,13 @@ def diff_table(doc: dict[str, Any]) -> Table:
         t.add_row(escape(r["name"]), escape(r["op"]), "-", "new", "")
     for r in doc["vanished"]:
         t.add_row(escape(r["name"]), escape(r["op"]), "vanished", "-", "")
-    return t
+    if not doc.get("updates"):
+        return t
+    u = Table(title="update norms: sigma(W_B - W_A) per matrix", title_justify="left")
+    for col in ("matrix", "delta sigma", "delta sigma_up", "relative", "delta rms->rms"):
+        u.add_column(col, justify="left" if col == "matrix" else "right", no_wrap=col != "matrix")
+    for r in doc["updates"]:
+        rel = "-" if r["relative"] is None else f"{r['relative'] * 100:.3g}%"
+        u.add_row(escape(r["name"]), fmt(r["delta_sigma"]), fmt(r["delta_sigma_upper"]), rel,
+                  fmt(r["delta_rms_to_rms"]))
+    return Group(t, u)
