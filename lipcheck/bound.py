@@ -49,6 +49,7 @@ def _apply(outcome: Outcome, factors: dict[int, float], lip: dict[str, float],
 def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> Composition:
     """Run every op's rule, then propagate the bounds through the graph."""
     result = Composition()
+    reason_nodes: list[str] = []  # the node each of result.reasons is about
     total = len(graph.nodes)
     for i, node in enumerate(graph.nodes):
         if progress is not None:
@@ -62,11 +63,13 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
             reason = f"op {node.op} is not supported by {where}"
             result.skipped.append(SkippedOp(node.name, node.op, reason))
             result.reasons.append(f"{node.name}: {reason}")
+            reason_nodes.append(node.name)
             outcome = Outcome(factors={}, unbounded=reason)
         else:
             outcome = handler(ctx, node, data)
             if outcome.unbounded is not None:
                 result.reasons.append(f"{node.name} ({node.op}): {outcome.unbounded}")
+                reason_nodes.append(node.name)
                 if outcome.row is None and not outcome.extra_rows:
                     result.skipped.append(SkippedOp(node.name, node.op, outcome.unbounded))
         result.steps.append((node, outcome))
@@ -75,6 +78,10 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
 
     cert, est = propagate(graph, result.steps)
     absorbed = {name for _, outcome in result.steps for name in outcome.absorbs}
+    # An op that turned out to be part of a recognised activation (the comparison inside
+    # torch's Softplus) neither blocks the bound nor counts as skipped.
+    result.reasons = [r for r, name in zip(result.reasons, reason_nodes) if name not in absorbed]
+    result.skipped = [s for s in result.skipped if s.name not in absorbed]
     for node, outcome in result.steps:
         if outcome.row is not None and node.name not in absorbed:
             outcome.row.bound = cert[node.outputs[0]]

@@ -77,3 +77,29 @@ def test_several_valued_constant_is_not_a_gelu(tmp_path: Path) -> None:
     onnx.save(model, str(path))
     report = lipcheck.analyze(path)
     assert not any("GELU" in (r.op or "") + (r.note or "") for r in report.layers)
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0])
+def test_dynamo_softplus_is_one_activation(beta: float, tmp_path: Path) -> None:
+    """torch's dynamo exporter writes Softplus as Where(Greater(beta x, 20), x,
+    Softplus(beta x) / beta): recognised, constant 1, like the legacy Softplus node."""
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Softplus(beta=beta), nn.Linear(6, 3)).eval()
+    path = tmp_path / "softplus.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 4),), str(path), dynamo=True, verbose=False)
+    assert any(n.op_type == "Where" for n in onnx.load(str(path)).graph.node)
+    report = lipcheck.analyze(path)
+    assert report.network.bounded, report.network.reason
+    norms = [float(torch.linalg.matrix_norm(m.weight.detach().double(), 2)) for m in (model[0], model[2])]
+    assert report.network.lipschitz_bound == pytest.approx(norms[0] * norms[1], rel=1e-5)
+    for seed in range(6):
+        x = torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+        jac = torch.autograd.functional.jacobian(lambda v: model.double()(v), x)
+        assert float(torch.linalg.matrix_norm(jac, 2)) <= report.network.lipschitz_bound
+    assert not report.skipped

@@ -325,8 +325,51 @@ UNBOUNDED_OPS = {
 }
 
 
+def _softplus_where(graph: Graph, node: Node) -> tuple[str, list[Node], float, float] | None:
+    """torch's dynamo export of Softplus(beta, threshold): Where(Greater(z, threshold), x,
+    g(z)) with z = beta x and g(z) = Softplus(z) / beta (z = x, g = Softplus for beta 1).
+    Returns (x, the branch nodes, beta, threshold)."""
+    if len(node.inputs) != 3:
+        return None
+    cond, x, other = node.inputs
+    greater = graph.producer.get(cond)
+    if greater is None or greater.op != "Greater" or len(greater.inputs) != 2:
+        return None
+    z, threshold = greater.inputs[0], _scalar(graph.const(greater.inputs[1]))
+    if threshold is None:
+        return None
+    if z == x:
+        soft = graph.producer.get(other)
+        if soft is not None and soft.op == "Softplus" and soft.inputs[0] == x:
+            return x, [greater, soft], 1.0, threshold
+        return None
+    scale, div = graph.producer.get(z), graph.producer.get(other)
+    if scale is None or div is None or scale.op != "Mul" or div.op != "Div" or scale.inputs[0] != x:
+        return None
+    beta, beta2 = _scalar(graph.const(scale.inputs[1])), _scalar(graph.const(div.inputs[1]))
+    soft = graph.producer.get(div.inputs[0])
+    if beta is None or beta != beta2 or not beta > 0 or soft is None or soft.op != "Softplus" \
+            or soft.inputs[0] != z:
+        return None
+    return x, [scale, greater, soft, div], beta, threshold
+
+
 @rule(*UNBOUNDED_OPS)
 def not_lipschitz(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if node.op == "Where" and data and 0 not in data:
         return _factors(ctx, node, data)
+    if node.op == "Where":
+        match = _softplus_where(ctx.graph, node)
+        if match is not None:
+            x, branch, beta, threshold = match
+            # sup |f'| = 1 on both sides (sigmoid(beta x) <= 1, and the identity). At the
+            # switch torch's function jumps by log1p(exp(-threshold)) / beta, which the
+            # legacy exporter's Softplus node hides in the same way.
+            jump = math.log1p(math.exp(-threshold * 1.0)) / beta if threshold * 1.0 < 700 else 0.0
+            row = _row(ctx, node, "activation", 1.0, "sup |f'|", data_in=x,
+                       note=f"recognised Softplus(beta={beta:g}, threshold={threshold:g}) as torch's dynamo "
+                            f"exporter writes it; the switch to x jumps by {jump:.2g}")
+            pos = node.inputs.index(x)
+            return Outcome(factors={k: (1.0 if k == pos else 0.0) for k in range(3)}, row=row,
+                           absorbs=[n.name for n in branch])
     return unbounded(UNBOUNDED_OPS[node.op])
