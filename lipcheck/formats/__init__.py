@@ -222,7 +222,7 @@ def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None
     if fmt is Format.ONNX:
         from .onnx_format import load_onnx
 
-        return Loaded(format=Kind.ONNX, onnx_model=load_onnx(path), input_shape=input_shape)
+        return Loaded(format=Kind.ONNX, onnx_model=load_onnx(path, trust=trust), input_shape=input_shape)
     if fmt is Format.SAFETENSORS:
         from .safetensors_format import load_safetensors
 

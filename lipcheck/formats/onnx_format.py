@@ -32,7 +32,13 @@ PACKED_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
 COMPLEX_TYPES = {TensorProto.COMPLEX64, TensorProto.COMPLEX128}
 
 
-def load_onnx(path: Path) -> onnx.ModelProto:
+# The keys the ONNX standard allows in a tensor's external_data entries.
+EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
+
+
+def load_onnx(path: Path, trust: bool = False) -> onnx.ModelProto:
+    """Parse and check an ONNX file, its external data read into memory. ``trust`` allows
+    external data reached through a hard link (which could be any file on the disk)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -49,13 +55,35 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     bad = _undecodable_string(model)
     if bad:
         raise InputError(f"{path}: the ONNX field {bad} is not valid UTF-8 (damaged file)")
+    _check_ops(model, path)
     folder = path.resolve().parent
     claimed: dict[Path, list[tuple[int, int, str]]] = {}
     for tensor in external_data_helper._get_all_tensors(model):
         if external_data_helper.uses_external_data(tensor):
-            _load_external(tensor, folder, path, claimed)
+            _load_external(tensor, folder, path, claimed, trust)
         _check_tensor(tensor, path)
     return model
+
+
+def _check_ops(model: onnx.ModelProto, path: Path) -> None:
+    """Every op of the default domain is one the standard defines (or a function the model
+    itself defines): an unknown one makes the file invalid ONNX, not an op to skip."""
+    local = {(f.domain, f.name) for f in model.functions}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            domain = node.domain or ""
+            if domain in ("", "ai.onnx") and (domain, node.op_type) not in local \
+                    and not onnx.defs.has(node.op_type, ""):
+                raise InputError(f"{path}: node '{node.name or node.op_type}' uses op '{node.op_type}', which "
+                                 "the ONNX standard does not define (default domain): not a valid ONNX model")
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(model.graph)
 
 
 def _undecodable_string(message: Message, where: str = "model") -> str:
@@ -141,10 +169,14 @@ def _parse_int(value: str, key: str, where: str) -> int:
 
 
 def _load_external(tensor: TensorProto, folder: Path, model_path: Path,
-                   claimed: dict[Path, list[tuple[int, int, str]]]) -> None:
+                   claimed: dict[Path, list[tuple[int, int, str]]], trust: bool = False) -> None:
     info = {e.key: e.value for e in tensor.external_data}
     location = info.get("location", "")
     where = f"{model_path}: external data of tensor '{tensor.name}'"
+    unknown = sorted(set(info) - EXTERNAL_KEYS)
+    if unknown:
+        raise InputError(f"{where} has the key '{unknown[0]}'; the standard allows only "
+                         f"{', '.join(sorted(EXTERNAL_KEYS))}")
     if not location or "\x00" in location:
         raise InputError(f"{where} names no usable file ('{location}')")
     if os.path.isabs(location) or PurePosixPath(location).is_absolute() or location.startswith("\\"):
@@ -173,6 +205,12 @@ def _load_external(tensor: TensorProto, folder: Path, model_path: Path,
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise InputError(f"{where}: '{location}' is not a regular file")
+    if st.st_nlink > 1 and not trust:
+        # A hard link can point at any file on the same filesystem (onnx's own loader
+        # refuses them too).
+        os.close(fd)
+        raise InputError(f"{where}: '{location}' has {st.st_nlink} hard links and could be any file on "
+                         "the disk: refused; if you trust the model, pass --trust")
     with os.fdopen(fd, "rb") as fh:
         size = st.st_size
         if offset + length > size:
