@@ -88,6 +88,18 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None
     return analyze_loaded(loaded, info, settings, progress)
 
 
+def _estimates_within_certificates(rows: list[Any]) -> None:
+    """An estimate is a lower bound on the norm and the certificate an upper one, so an fp32
+    estimate above its float64 certificate is rounding (about 1e-5 relative at most): it is
+    lowered to the certificate, and the row says so, rather than shown as a contradiction."""
+    for row in rows:
+        if row.sigma is not None and row.sigma_upper is not None and row.sigma > row.sigma_upper:
+            text = (f"estimate {row.sigma:.9g} was above the certificate (float32 rounding): "
+                    "shown as the certificate")
+            row.note = f"{row.note}; {text}" if row.note else text
+            row.sigma = row.sigma_upper
+
+
 def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
                    progress: ProgressFn | None = None) -> Analysis:
     if loaded.onnx_model is not None:
@@ -107,6 +119,7 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
             notes.append(f"the model has {len(graph.inputs)} data inputs; the bound is with "
                          "respect to all of them concatenated")
         snorm.mark_graph_rows(graph, comp.rows)
+        _estimates_within_certificates(comp.rows)
         report = Report(model=info, settings=settings_dict(settings), layers=comp.rows,
                         network=comp.network, skipped=comp.skipped, notes=notes)
         return Analysis(report, loaded, graph, comp)
@@ -114,6 +127,7 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
     from .rules.tensors import tensor_rows
 
     rows, skipped = tensor_rows(loaded.tensors or {}, settings, notes, progress)
+    _estimates_within_certificates(rows)
     network = NetworkResult(lipschitz_bound=None, lipschitz_estimate=None, bounded=False,
                             certified=False, reason=loaded.why_no_graph)
     report = Report(model=info, settings=settings_dict(settings), layers=rows, network=network,
