@@ -1,13 +1,8 @@
-"""Run the CLI in-process for tests: exit code, stdout and stderr."""
+"""Kept for test files that still write ``from clihelp import run_cli``: new tests take
+the ``cli`` fixture from conftest.py instead."""
 
 from __future__ import annotations
 
-import pytest
+from conftest import CliResult, run_cli
 
-from lipcheck.cli import run
-
-
-def run_cli(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = run([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+__all__ = ["CliResult", "run_cli"]

@@ -1,58 +1,24 @@
 """The fast engine: Cholesky-verified certificates, thick-restart Lanczos, 1x1 conv norms.
 
 Every reference is computed here from first principles: ``torch.linalg.matrix_norm(ord=2)``
-/ ``eigvalsh`` on explicit matrices, explicit Jacobians of convolutions built column by
-column. None comes from lipcheck's own earlier output.
+/ ``eigvalsh`` on explicit matrices, the explicit matrix of each convolution (its Jacobian,
+``conftest.jacobian_matrix``). None comes from lipcheck's own earlier output.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import exact_norm, jacobian_matrix, randn, with_singular_values
 
 from lipcheck import spectral
 
 SAFETY = 1 + 1e-6  # spectral.CERT_SAFETY, restated so a change to it is noticed
 # a certificate proven at (1 + CERT_GAP) x the max, plus rounding margins far below 1e-9
 TIGHT = SAFETY * (1 + spectral.CERT_GAP) * (1 + 1e-9)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=dtype)
-
-
-def with_singular_values(svals: list[float], rows: int, cols: int, seed: int) -> torch.Tensor:
-    """U diag(s) Vᵀ with seeded random orthonormal U, V: its singular values are exactly ``svals``."""
-    u, _ = torch.linalg.qr(randn(rows, len(svals), seed=seed))
-    v, _ = torch.linalg.qr(randn(cols, len(svals), seed=seed + 1))
-    return u @ torch.diag(torch.tensor(svals, dtype=torch.float64)) @ v.T
-
-
-def exact_max(mats: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(mats, ord=2).max())
-
-
-def jacobian(fn, shape: tuple[int, ...]) -> torch.Tensor:
-    n = math.prod(shape)
-    cols = []
-    for i in range(n):
-        e = torch.zeros(n, dtype=torch.float64)
-        e[i] = 1.0
-        cols.append(fn(e.reshape(shape)).reshape(-1))
-    return torch.stack(cols, dim=1)
 
 
 # --------------------------------------------------------------------------- certificates
@@ -71,7 +37,7 @@ BATCHES = [
 @pytest.mark.parametrize("hint", ["none", "exact", "half"])
 def test_sigma_max_bound_is_certified_and_tight(case, hint):
     mats = case[1]()
-    exact = exact_max(mats)
+    exact = exact_norm(mats)
     estimate = {"none": 0.0, "exact": exact, "half": exact / 2}[hint]
     acc = spectral.SigmaMaxBound(estimate)
     acc.add(mats)
@@ -84,7 +50,7 @@ def test_sigma_max_bound_over_several_batches_and_scales():
     acc = spectral.SigmaMaxBound()
     for p in parts:
         acc.add(p)
-    exact = max(exact_max(p) for p in parts)
+    exact = max(exact_norm(p) for p in parts)
     assert exact <= acc.value() <= exact * TIGHT
 
 
@@ -92,7 +58,7 @@ def test_an_estimate_above_the_truth_cannot_lower_the_certificate():
     """The caller's estimate is only the first candidate; a wrong (too high) one gives a
     valid but loose bound, never a smaller one."""
     mats = randn(3, 10, 10, seed=13)
-    exact = exact_max(mats)
+    exact = exact_norm(mats)
     acc = spectral.SigmaMaxBound(2 * exact)
     acc.add(mats)
     assert acc.value() >= 2 * exact
@@ -105,7 +71,7 @@ def test_sigma_max_bound_fallback_paths(monkeypatch, patch):
     for name, value in patch.items():
         monkeypatch.setattr(spectral, name, value)
     mats = torch.cat([randn(20, 12, 12, seed=14), 1.5 * randn(2, 12, 12, seed=15)])
-    exact = exact_max(mats)
+    exact = exact_norm(mats)
     acc = spectral.SigmaMaxBound()
     acc.add(mats)
     slack = TIGHT if patch.get("CERT_MAX_ROUNDS", 1) else SAFETY * (1 + 1e-3)
@@ -119,8 +85,8 @@ def test_gram_upper_bound_of_zero_and_empty():
 
 def conv_matrix(weight: torch.Tensor, shape: tuple[int, ...], stride, padding, dilation, groups) -> torch.Tensor:
     conv = (F.conv1d, F.conv2d, F.conv3d)[weight.ndim - 3]
-    return jacobian(lambda x: conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups),
-                    shape)
+    return jacobian_matrix(
+        lambda x: conv(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups), shape)
 
 
 CONVS = [

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLES
 
 import lipcheck
 from lipcheck import testing as lt
 from lipcheck.errors import UntrustedInputError
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 BUILDERS = {"mlp": lt.make_mlp, "cnn": lt.make_cnn, "resnet": lt.make_resnet}
 NAMES = list(BUILDERS)
 GRAPH_FORMATS = ["ts", "pickle", "module"]
@@ -39,15 +39,6 @@ ROW_FIELDS = (
     "converged",
     "note",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on small CI boxes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _analyze(source, shape=None, **kw):  # type: ignore[no-untyped-def]

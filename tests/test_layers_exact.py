@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import exact_norm, jacobian_matrix, orthonormal, randn
 from torch import nn
 
 import lipcheck
@@ -40,28 +41,6 @@ SET64 = spectral.Settings(tol=1e-10, max_iters=2000, seed=0, device="cpu", dtype
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These are many tiny ops: one intra-op thread is several times faster than two
-    (and far faster on a loaded machine). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def exact_norm(mat: torch.Tensor) -> float:
-    """Largest singular value by SVD (max over a leading batch, if any)."""
-    return float(torch.linalg.matrix_norm(mat.to(torch.float64), ord=2).max())
-
-
-def jacobian_matrix(fn, shape: tuple[int, ...]) -> torch.Tensor:
-    """The explicit (out_numel, in_numel) matrix of a linear map on float64 inputs."""
-    x = torch.zeros(shape, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(fn, x)
-    return jac.reshape(-1, x.numel())
-
-
 def bias_free(module: nn.Module) -> nn.Module:
     """A float64 copy of ``module`` with every bias zeroed (so it is linear)."""
     m = copy.deepcopy(module).double().eval()
@@ -74,10 +53,7 @@ def bias_free(module: nn.Module) -> nn.Module:
 
 def module_norm(module: nn.Module, shape: tuple[int, ...]) -> float:
     """Exact spectral norm of the bias-free module on inputs of ``shape``."""
-    m = bias_free(module)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return exact_norm(jacobian_matrix(m, shape))
+    return exact_norm(jacobian_matrix(bias_free(module), shape))
 
 
 def analyze(model: nn.Module, shape: tuple[int, ...]):
@@ -109,15 +85,6 @@ def assert_matches_multiset(values: list[float], exacts: list[float], rel: float
         assert v == pytest.approx(e, rel=rel), (sorted(values), sorted(exacts))
 
 
-def seeded_randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(seeded_randn(rows, cols, seed=seed))
-    return q
-
-
 # --------------------------------------------------------------------------- 1. matrices
 
 
@@ -144,7 +111,7 @@ def _known_matrices() -> list[tuple[str, torch.Tensor, float]]:
         w = u @ torch.diag(torch.tensor(s, dtype=torch.float64)) @ v.T
         cases.append((f"orth_diag_{m}x{n}_{i}", w, max(s)))
     # rank one: u v^T has norm |u| |v|
-    u, v = seeded_randn(9, 1, seed=3), seeded_randn(1, 5, seed=4)
+    u, v = randn(9, 1, seed=3), randn(1, 5, seed=4)
     cases.append(("rank_one", u @ v, float(u.norm() * v.norm())))
     return cases
 
@@ -173,7 +140,7 @@ def test_gram_upper_bound_known(case):
 
 @pytest.mark.parametrize("shape", RANDOM_SHAPES, ids=[f"{a}x{b}" for a, b in RANDOM_SHAPES])
 def test_matrix_estimate_random(shape):
-    w = seeded_randn(*shape, seed=sum(shape))
+    w = randn(*shape, seed=sum(shape))
     exact = exact_norm(w)
     est = spectral.matrix_estimate(w, SET64)
     assert_estimate(est.sigma, exact)
@@ -181,7 +148,7 @@ def test_matrix_estimate_random(shape):
 
 @pytest.mark.parametrize("shape", RANDOM_SHAPES, ids=[f"{a}x{b}" for a, b in RANDOM_SHAPES])
 def test_gram_upper_bound_random(shape):
-    w = seeded_randn(*shape, seed=sum(shape))
+    w = randn(*shape, seed=sum(shape))
     exact = exact_norm(w)
     for estimate in (0.0, spectral.matrix_estimate(w, SET64).sigma):
         cert = spectral.gram_upper_bound(w, estimate)
@@ -190,14 +157,14 @@ def test_gram_upper_bound_random(shape):
 
 
 def test_matrix_estimate_float32_default_tol():
-    w = seeded_randn(20, 12, seed=5)
+    w = randn(20, 12, seed=5)
     settings = spectral.Settings(seed=0, device="cpu", dtype=torch.float32)
     sigma = spectral.matrix_estimate(w, settings).sigma
     assert sigma == pytest.approx(exact_norm(w), rel=REL)
 
 
 def test_batched_matrices_take_the_max():
-    w = seeded_randn(4, 6, 5, seed=7)
+    w = randn(4, 6, 5, seed=7)
     w[2] *= 3.0  # make one member clearly the largest
     exact = exact_norm(w)  # max over the batch
     assert_estimate(spectral.matrix_estimate(w, SET64).sigma, exact)
@@ -215,7 +182,7 @@ SCALES = [
 def test_scale_invariance(dtype, scale):
     """sigma(c W) = c sigma(W) for any finite scale the dtype can hold: the estimate of a
     non-zero finite matrix must be neither 0 nor NaN (entries, sigma and sigma**2 all fit)."""
-    w = seeded_randn(9, 6, seed=11)
+    w = randn(9, 6, seed=11)
     exact = exact_norm(w) * scale
     settings = spectral.Settings(tol=1e-10 if dtype == torch.float64 else 1e-7, max_iters=2000,
                                  seed=0, device="cpu", dtype=dtype)
@@ -234,7 +201,7 @@ def test_zero_matrix():
 @pytest.mark.parametrize("shape", [(1, 12), (3, 4), (2, 3, 2)])
 def test_operator_estimate_of_explicit_matrix(shape):
     n = math.prod(shape)
-    w = seeded_randn(n + 3, n, seed=n)
+    w = randn(n + 3, n, seed=n)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return w.to(x.dtype) @ x.reshape(-1)
@@ -371,7 +338,7 @@ FFT_CASES = [
 @pytest.mark.parametrize("case", FFT_CASES, ids=[c[0] for c in FFT_CASES])
 def test_circular_conv_singular_values_match_dft(case):
     _, out, cin_g, kernel, grid, dilation, groups = case
-    w = seeded_randn(out, cin_g, *kernel, seed=len(grid) * 100 + out)
+    w = randn(out, cin_g, *kernel, seed=len(grid) * 100 + out)
     ref = circular_conv_singular_values_numpy(w.numpy(), grid, dilation, groups)
     fn = circular_conv_fn(w, dilation, groups)
     mat = jacobian_matrix(fn, (1, cin_g * groups, *grid))
@@ -392,7 +359,7 @@ def test_conv_fft_upper_bound_is_exact(case):
     """On its own grid the FFT bound is the circular conv's norm, up to the certificate's
     candidate gap (CERT_GAP) and CERT_SAFETY."""
     _, out, cin_g, kernel, grid, dilation, groups = case
-    w = seeded_randn(out, cin_g, *kernel, seed=len(grid) * 100 + out)
+    w = randn(out, cin_g, *kernel, seed=len(grid) * 100 + out)
     exact = float(circular_conv_singular_values_numpy(w.numpy(), grid, dilation, groups).max())
     cert = spectral.conv_fft_upper_bound(w, grid=grid, dilation=dilation, groups=groups)
     slack = SAFETY * (1 + spectral.CERT_GAP) * (1 + 1e-9)

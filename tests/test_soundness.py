@@ -17,17 +17,16 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES, exact_norm, jacobian_at
 from torch import nn
 
 import lipcheck
 from lipcheck import testing as lt
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 SAMPLE_BUILDERS = {"mlp": lt.make_mlp, "cnn": lt.make_cnn, "resnet": lt.make_resnet}
 
 SOUND_RTOL = 1e-6  # bound >= max ||J|| * (1 - SOUND_RTOL)
@@ -121,29 +120,10 @@ UNBOUNDED = ["attention", "lstm", "gru"]
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: one intra-op thread is fastest, and on a loaded 2-core machine
-    OpenMP oversubscription otherwise makes these tests 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _analyze(source, shape=None):  # type: ignore[no-untyped-def]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return lipcheck.analyze(source, shape, device="cpu")
-
-
-def _jacobian_norm(model64: nn.Module, x: torch.Tensor) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        jac = torch.autograd.functional.jacobian(model64, x, vectorize=True)
-        out_numel = jac.numel() // x.numel()
-        mat = jac.reshape(out_numel, x.numel())
-    return float(torch.linalg.matrix_norm(mat, ord=2))
 
 
 def _first_kink_module(model: nn.Module) -> nn.Module | None:
@@ -196,7 +176,7 @@ def _inputs(model64: nn.Module, shape: tuple[int, ...], seed: int, kinks: bool) 
 def _max_jacobian_norm(model: nn.Module, shape: tuple[int, ...], seed: int = 1234) -> float:
     model64 = copy.deepcopy(model).double().eval()
     kinks = _first_kink_module(model64) is not None
-    return max(_jacobian_norm(model64, x) for x in _inputs(model64, shape, seed, kinks))
+    return max(exact_norm(jacobian_at(model64, x)) for x in _inputs(model64, shape, seed, kinks))
 
 
 def _assert_sound(rep, max_jac: float) -> None:  # type: ignore[no-untyped-def]
@@ -266,15 +246,16 @@ def test_single_conv_bound_dominates_jacobian(name: str) -> None:
     max_jac = _max_jacobian_norm(module, shape)
     _assert_sound(rep, max_jac)
     # A single linear layer: the Jacobian is the operator itself, so max_jac is its exact
-    # norm. When the conv row alone carries the network bound (its operator is the whole
-    # layer, padding included), its power-iteration sigma (a lower bound) must stay below
-    # that norm and its certificate above it.
+    # norm. The conv row alone carries the network bound (its operator is the whole layer,
+    # padding included), so its power-iteration sigma (a lower bound) must stay below that
+    # norm and its certificate above it.
     conv_rows = [r for r in rep.layers if r.kind == "conv"]
     assert len(conv_rows) == 1
     row = conv_rows[0]
-    if row.bound == pytest.approx(rep.network.lipschitz_bound, rel=1e-12) and row.lipschitz == row.bound:
-        assert row.sigma is not None and row.sigma <= max_jac * (1 + 1e-4), (row.name, row.sigma, max_jac)
-        assert row.sigma_upper is not None and row.sigma_upper >= max_jac * (1 - SOUND_RTOL)
+    assert row.lipschitz == row.bound, (row.name, row.lipschitz, row.bound)
+    assert row.bound == pytest.approx(rep.network.lipschitz_bound, rel=1e-12), (row.name, row.bound, rep.network)
+    assert row.sigma is not None and row.sigma <= max_jac * (1 + 1e-4), (row.name, row.sigma, max_jac)
+    assert row.sigma_upper is not None and row.sigma_upper >= max_jac * (1 - SOUND_RTOL)
 
 
 @pytest.mark.parametrize("name", list(BOUNDED_BUILDERS))
