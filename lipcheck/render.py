@@ -23,25 +23,69 @@ def _iters(iterations: int | None, converged: bool | None) -> str:
     return f"{iterations}" + ("" if converged else "!")
 
 
-def table(doc: dict[str, Any]) -> Table:
-    """The per-layer table of one report (its JSON document)."""
-    model = doc["model"]
-    # Titles are markup to rich: a file name or the '[onnx]' tag would be read as a style.
-    t = Table(title=escape(f"lipcheck: {model['path']}  [{model['format']}]"), title_justify="left")
-    t.add_column("layer", overflow="fold")
-    t.add_column("op", no_wrap=True)
-    t.add_column("input", no_wrap=True)
-    t.add_column("sigma est", justify="right", no_wrap=True)
-    t.add_column("sigma_mat", justify="right", no_wrap=True)
-    t.add_column("sigma_up", justify="right", no_wrap=True)
-    t.add_column("iters", justify="right", no_wrap=True)
-    t.add_column("bound", justify="right", no_wrap=True)
+def shorten(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters, its middle replaced by an ellipsis: the
+    start and the end of a module path are the parts that tell layers apart."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head):]
+
+
+COLUMNS = ("layer", "op", "input", "sigma est", "sigma_mat", "sigma_up", "iters", "bound")
+
+
+def _cells(doc: dict[str, Any]) -> list[list[str]]:
+    rows = []
     for r in doc["layers"]:
         # A spectrally normalized weight is marked where the eye reads the op (the JSON's
         # spectral_norm field names the API).
         op = f"{r['op']}+SN" if r.get("spectral_norm") else r["op"]
-        t.add_row(escape(r["name"]), escape(op), fmt(r["input_shape"] or None), fmt(r["sigma"]), fmt(r["sigma_matrix"]),
-                  fmt(r["sigma_upper"]), _iters(r["iterations"], r["converged"]), fmt(r["bound"]))
+        rows.append([r["name"], op, fmt(r["input_shape"] or None), fmt(r["sigma"]), fmt(r["sigma_matrix"]),
+                     fmt(r["sigma_upper"]), _iters(r["iterations"], r["converged"]), fmt(r["bound"])])
+    return rows
+
+
+class LayerTable:
+    """The per-layer table of one report, sized when rendered: columns with nothing in them
+    are left out, and on a narrow terminal long layer names are shortened in the middle, so
+    the layer column always stays."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+
+    def __rich_console__(self, console: Console, options: Any) -> Any:
+        model = self.doc["model"]
+        # The title goes on a line of its own: a table's title wraps at the table's width.
+        yield Text(f"lipcheck: {model['path']}  [{model['format']}]")
+        yield table(self.doc, max_width=options.max_width, title=False)
+
+
+def table(doc: dict[str, Any], max_width: int | None = None, title: bool = True) -> Table:
+    """The per-layer table of one report (its JSON document)."""
+    model = doc["model"]
+    cells = _cells(doc)
+    keep = [0, 1] + [c for c in range(2, len(COLUMNS)) if any(row[c] != "-" for row in cells)]
+    # Titles are markup to rich: a file name or the '[onnx]' tag would be read as a style.
+    t = Table(title=escape(f"lipcheck: {model['path']}  [{model['format']}]") if title else None,
+              title_justify="left")
+    name_width = None
+    if max_width is not None:
+        # Each column takes its widest cell plus padding and a border. On a narrow terminal
+        # the least needed columns go first, so that no number is ever cut short.
+        def width(c: int) -> int:
+            return max([len(COLUMNS[c])] + [len(row[c]) for row in cells]) + 3
+
+        for drop in (2, 4, 6):  # input, sigma_mat, iters
+            if drop in keep and sum(width(c) for c in keep[1:]) + 16 > max_width:
+                keep.remove(drop)
+        name_width = max(12, max_width - sum(width(c) for c in keep[1:]) - 4)
+    for c in keep:
+        t.add_column(COLUMNS[c], justify="left" if c < 3 else "right", no_wrap=True,
+                     min_width=min(12, name_width or 12) if c == 0 else None)
+    for row in cells:
+        name = shorten(row[0], name_width) if name_width else row[0]
+        t.add_row(*[escape(name if c == 0 else row[c]) for c in keep])
     return t
 
 
@@ -78,7 +122,7 @@ def make_console(file: object | None = None) -> Console:
 
 
 def report_renderables(doc: dict[str, Any]) -> list[Any]:
-    return [table(doc), summary(doc)]
+    return [LayerTable(doc), summary(doc)]
 
 
 @contextmanager
