@@ -54,11 +54,12 @@ class DType(str, enum.Enum):
 
 
 # Options shared by every command that analyses a model, declared once.
-ModelArg = Annotated[Path, typer.Argument(help="Model file: .onnx, TorchScript, torch.save checkpoint or state_dict, .pt2.", show_default=False)]
-ModelsArg = Annotated[list[Path], typer.Argument(help="Model files: .onnx, TorchScript, torch.save checkpoints or state_dicts, .pt2.", show_default=False)]
-InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="Input size, batch first, e.g. 1,3,224,224. Needed for TorchScript and pickled modules; overrides an ONNX model's own.")]
+MODEL_KINDS = ".onnx, TorchScript, torch.save checkpoint or state_dict, .pt2, .safetensors, or a Hugging Face model folder (or its index .json)"
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help=f"Model: {MODEL_KINDS}.", show_default=False)]
+ModelsArg = Annotated[list[Path], typer.Argument(metavar="MODEL", help=f"Models, each a {MODEL_KINDS}.", show_default=False)]
+InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W", help="Input size, batch first, e.g. 1,3,224,224. ONNX: replaces the model's own input size. TorchScript (with --trust), pickled modules and .pt2: the model is traced at this size. state_dicts and safetensors need --model to give the network; model folders do not use it.")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")]
-OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write the report to FILE instead of stdout.")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write the report to FILE instead of stdout.")]
 TolOpt = Annotated[float, typer.Option("--tol", help="Relative accuracy an estimate stops at: Lanczos by its residual test, power iteration when sigma changes by less than this between steps.")]
 MaxItersOpt = Annotated[int, typer.Option("--max-iters", help="An estimate stops after this many steps (reported as not converged).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the start vectors (results are reproducible).")]
@@ -110,10 +111,21 @@ def write_output(text: str, output: Path | None, model: Path | list[Path]) -> No
     atomic_write(output, text.encode("utf-8"))
 
 
+def _exists(*paths: Path) -> None:
+    """A missing input is reported before torch is imported (which takes seconds)."""
+    from .errors import InputError
+
+    for path in paths:
+        if not path.exists() and not path.is_symlink():
+            raise InputError(f"{path} does not exist")
+
+
 def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_iters: int, seed: int,
                  device: Device, dtype: DType, method: Method, trust: bool, progress: bool,
                  architecture: str | None = None) -> list[dict]:
     shape = parse_shape(input_shape)
+    _exists(*models)
+    Options(tol, max_iters, seed, device.value, dtype.value, method.value)  # checked before torch loads
     from .pipeline import make_settings, run_analysis
     from .render import progress_bar
 
@@ -290,6 +302,7 @@ def diff(
     from .diff import diff as compute_diff
     from .report import json_safe
 
+    _exists(a, b)
     docs = [_report_or_model(p, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress) for p in (a, b)]
     result = compute_diff(docs[0], docs[1])
     if input_shape is None and not any(_is_report(p) for p in (a, b)):
@@ -340,7 +353,7 @@ def normalize(
     target: Annotated[float | None, typer.Option("--target", help="Spectral norm each selected layer gets (default 1.0; with --budget, at most this).")] = None,
     clip: Annotated[bool, typer.Option("--clip", help="Only rescale layers above the target; the others stay bit-identical.")] = False,
     budget: Annotated[float | None, typer.Option("--budget", help="Pick one per-layer target so the network bound is at most this.")] = None,
-    mode: Annotated[Mode, typer.Option("--mode", help="bake: rescale the weights themselves. parametrize: register torch spectral_norm (plus a fixed lipcheck Scale) on each layer and save a pickled nn.Module.")] = Mode.bake,
+    mode: Annotated[Mode, typer.Option("--mode", help="bake: rescale the weights themselves, same format as the input. parametrize: register torch's spectral_norm plus a fixed lipcheck Scale on each Linear/Conv and write a torch.save file {format, layers, state_dict} that lipcheck.parametrize.load puts back into the same architecture.")] = Mode.bake,
     layers: Annotated[list[str] | None, typer.Option("--layers", help="Only layers whose name matches this glob (repeatable).")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip layers whose name matches this glob (repeatable).")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow the output to be the input file.")] = False,
@@ -359,6 +372,8 @@ def normalize(
 ) -> int:
     """Rewrite a model with spectrally normalized layers, then re-inspect it to prove it."""
     shape = parse_shape(input_shape)
+    _exists(model)
+    Options(tol, max_iters, seed, device.value, dtype.value, method.value)  # checked before torch loads
     from .normalization import normalize as run_normalize
     from .pipeline import make_settings
     from .render import make_console, normalize_summary, normalize_table, progress_bar
@@ -401,6 +416,10 @@ def run(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("lipcheck: aborted", file=sys.stderr)
         return 130
+    except click_exceptions.NoArgsIsHelpError as exc:
+        # Bare `lipcheck` (or a group without a command): the help, as --help shows it.
+        sys.stdout.write(exc.format_message().rstrip("\n") + "\n")
+        return EXIT_OK
     except click_exceptions.ClickException as exc:
         print(f"lipcheck: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
         return UsageError.exit_code
