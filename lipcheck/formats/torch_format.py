@@ -678,9 +678,38 @@ def _silenced_fds() -> Any:
             os.close(fd)
 
 
+_SYMBOLICS_REGISTERED = False
+
+
+def _register_symbolics() -> None:
+    """ONNX translations the TorchScript-based exporter lacks: ``aten::vdot``, which torch's
+    parametrized spectral_norm computes u.(W v) with (real vectors: the sum of products)."""
+    global _SYMBOLICS_REGISTERED
+    if _SYMBOLICS_REGISTERED:
+        return
+
+    def vdot(g: Any, a: Any, b: Any) -> Any:
+        return g.op("ReduceSum", g.op("Mul", a, b), keepdims_i=0)
+
+    torch.onnx.register_custom_op_symbolic("aten::vdot", vdot, 1)
+    _SYMBOLICS_REGISTERED = True
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Exporters print progress and whole graphs; stdout is for data."""
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+            _silenced_fds():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
-    """Export in memory with the TorchScript-based exporter: it keeps BatchNorm nodes
-    (the dynamo exporter folds them into convs) and accepts ScriptModules."""
+    """Export in memory. First the TorchScript-based exporter (it keeps BatchNorm nodes, names
+    nodes by module scope and accepts ScriptModules); when it fails on a module (an op it
+    cannot translate, such as ``aten::_native_multi_head_attention``), the dynamo exporter.
+    An error names every step that failed."""
     import onnx
 
     try:
@@ -688,21 +717,29 @@ def to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
     except NotImplementedError:
         pass  # a torch.export module is fixed at export time and refuses eval()
     example = torch.zeros(input_shape)
+    failures = []
     buffer = io.BytesIO()
-    sink = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
-                _silenced_fds():
-            warnings.simplefilter("ignore")
+        _register_symbolics()
+        with _quiet():
             torch.onnx.export(
                 module, (example,), buffer, dynamo=False, do_constant_folding=False,  # type: ignore[arg-type]
                 training=torch.onnx.TrainingMode.PRESERVE, opset_version=ONNX_OPSET,
                 input_names=["input"],
             )
+        return onnx.load_model_from_string(buffer.getvalue())
     except Exception as exc:  # noqa: BLE001 - export failures are the model's, not ours
-        raise InputError(
-            f"cannot trace the model at input shape {','.join(map(str, input_shape))}: "
-            f"{_first_line(exc)}"
-        ) from None
-    return onnx.load_model_from_string(buffer.getvalue())
-
+        failures.append(f"TorchScript-based exporter (opset {ONNX_OPSET}): {_first_line(exc)}")
+    if isinstance(module, torch.jit.ScriptModule):
+        failures.append("dynamo exporter: not tried, it does not take TorchScript modules")
+    else:
+        try:
+            with _quiet():
+                program = torch.onnx.export(module, (example,), dynamo=True, verbose=False,
+                                            input_names=["input"])
+            assert program is not None
+            return program.model_proto
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"dynamo exporter: {_first_line(exc)}")
+    raise InputError(f"cannot trace the model at input shape {','.join(map(str, input_shape))}: "
+                     + "; ".join(failures))
