@@ -10,7 +10,7 @@ import enum
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from typer._click import exceptions as click_exceptions
@@ -35,6 +35,7 @@ class OutputFormat(str, enum.Enum):
     csv = "csv"
     markdown = "markdown"
     junit = "junit"
+    html = "html"
 
 
 class Device(str, enum.Enum):
@@ -109,6 +110,12 @@ def write_output(text: str, output: Path | None, model: Path | list[Path]) -> No
     from .files import atomic_write
 
     atomic_write(output, text.encode("utf-8"))
+
+
+def _html() -> Any:
+    from . import html_report
+
+    return html_report
 
 
 def _exists(*paths: Path) -> None:
@@ -189,6 +196,7 @@ def inspect(
         OutputFormat.csv: lambda: writers.inspect_csv(docs),
         OutputFormat.markdown: lambda: writers.inspect_markdown(docs),
         OutputFormat.junit: lambda: writers.inspect_junit(docs),
+        OutputFormat.html: lambda: _html().inspect_html(docs),
     }[format]()
     _emit(text, None, output, models)
     return EXIT_OK
@@ -247,6 +255,7 @@ def check(
             OutputFormat.csv: lambda: writers.check_csv(results),
             OutputFormat.markdown: lambda: writers.check_markdown(results),
             OutputFormat.junit: lambda: writers.check_junit(results),
+            OutputFormat.html: lambda: _html().check_html(docs, results),
         }[format]()
         _emit(text, None, output, models)
     failed = [r for r in results if not r.passed]
@@ -327,6 +336,7 @@ def diff(
         OutputFormat.csv: lambda: writers.diff_csv(doc),
         OutputFormat.markdown: lambda: writers.diff_markdown(doc),
         OutputFormat.junit: lambda: writers.diff_junit(doc),
+        OutputFormat.html: lambda: _html().diff_html(doc),
     }[format]()
     _emit(text, None, output, [a, b])
     return EXIT_OK

@@ -1,0 +1,65 @@
+"""The HTML report: one self-contained file (nothing fetched), charts with titles, axes and
+legends, and tables carrying the JSON report's numbers."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from lipcheck.cli import run
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+class _Collect(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.cells: list[str] = []
+        self._in_td = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self._in_td = tag == "td"
+
+    def handle_data(self, data: str) -> None:
+        if self._in_td:
+            self.cells.append(data)
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = run(args + ["--no-progress"])
+    return code, capsys.readouterr().out
+
+
+def test_inspect_html_is_self_contained_and_carries_the_json_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    code, page = _run(["inspect", str(SAMPLES / "resnet.onnx"), "--format", "html"], capsys)
+    assert code == 0 and page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"(src|href)=\"https?:", page) and "<script" not in page
+    parsed = _Collect()
+    parsed.feed(page)
+    assert parsed.tags.count("svg") >= 2  # per-layer sigma and the bound along the graph
+    for text in ("per-layer spectral norm", "sigma (log scale)", "layer, in graph order",
+                 "certified upper bound", "network bound along the graph"):
+        assert text in page
+    _, doc_text = _run(["inspect", str(SAMPLES / "resnet.onnx"), "--format", "json"], capsys)
+    doc = json.loads(doc_text)
+    for row in doc["layers"]:
+        assert row["name"] in parsed.cells
+        for key in ("sigma", "sigma_upper", "bound"):
+            if row[key] is not None:
+                assert f"{row[key]:.6g}" in parsed.cells
+
+
+def test_check_and_diff_html(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, page = _run(["check", str(SAMPLES / "cnn.onnx"), "--max-lipschitz", "1", "--format", "html"], capsys)
+    assert code == 1 and 'class="fail">FAIL' in page
+    out = tmp_path / "scaled.onnx"
+    assert run(["normalize", str(SAMPLES / "cnn.onnx"), "-o", str(out), "--target", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    code, page = _run(["diff", str(SAMPLES / "cnn.onnx"), str(out), "--format", "html"], capsys)
+    assert code == 0 and "before and after" in page and "▲" in page  # some layers grew to 2
