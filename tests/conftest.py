@@ -52,14 +52,20 @@ def overwrite_golden(pytestconfig: pytest.Config) -> bool:
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread for the whole session. The tensors here are small, so a second
+    """One intra-op thread for the whole session, and (unless OMP_NUM_THREADS says otherwise)
+    in every ``python -m lipcheck`` the tests start. The tensors here are small, so a second
     thread buys nothing, and on a loaded 2-core machine OpenMP's spinning threads make runs
-    several times slower (a 0.05 s inspect took 5 s). The numbers are the same either way:
-    the sample reports are byte-identical at 1 and 2 threads."""
+    several times slower (a 0.05 s inspect took 5 s; test_cli.py went from 50 s to 7 s).
+    The numbers are the same either way: the sample reports are byte-identical at 1 and 2
+    threads."""
     before = torch.get_num_threads()
+    env_before = os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(before)
+    if env_before is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
 
 
 @pytest.fixture(scope="session")

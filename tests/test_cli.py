@@ -12,15 +12,11 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-from clihelp import run_cli as lipcheck
+from conftest import SAMPLES, Cli
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "samples"
 
-
-
-
+@pytest.mark.e2e
 def test_help_and_version_do_not_import_torch() -> None:
     code = (
         "import sys\n"
@@ -36,22 +32,22 @@ def test_help_and_version_do_not_import_torch() -> None:
     assert "inspect" in proc.stdout and "lipcheck 0." in proc.stdout
 
 
+@pytest.mark.e2e
 def test_module_entry_point() -> None:
     proc = subprocess.run([sys.executable, "-m", "lipcheck", "--version"], capture_output=True,
                           text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("lipcheck ")
 
 
-def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = lipcheck(["inspect", SAMPLES / "resnet.onnx", "--device", "cpu"], capsys)
+def test_table_output(cli: Cli) -> None:
+    code, out, err = cli("inspect", SAMPLES / "resnet.onnx", "--device", "cpu")
     assert code == 0, err
     assert "network Lipschitz bound (certified)" in out
     assert "BatchNormalization" in out and "Add" in out
 
 
-def test_json_document(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = lipcheck(["inspect", SAMPLES / "cnn.onnx", "--format", "json", "--seed", "3"],
-                              capsys)
+def test_json_document(cli: Cli) -> None:
+    code, out, err = cli("inspect", SAMPLES / "cnn.onnx", "--format", "json", "--seed", "3")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["schema_version"] == "1"
@@ -68,15 +64,9 @@ def test_json_document(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(convs) == 2 and all(r["sigma_matrix"] is not None for r in convs)
 
 
-def test_json_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
-    first = lipcheck(["inspect", SAMPLES / "mlp.onnx", "-f", "json"], capsys)[1]
-    second = lipcheck(["inspect", SAMPLES / "mlp.onnx", "-f", "json"], capsys)[1]
-    assert first == second
-
-
-def test_csv_to_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_csv_to_file(tmp_path: Path, cli: Cli) -> None:
     target = tmp_path / "report.csv"
-    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.onnx", "-f", "csv", "-o", target], capsys)
+    code, out, err = cli("inspect", SAMPLES / "mlp.onnx", "-f", "csv", "-o", target)
     assert code == 0, err
     assert out == ""
     frame = pd.read_csv(target)
@@ -86,8 +76,8 @@ def test_csv_to_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["report.csv"]
 
 
-def test_state_dict_has_no_network_bound(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.state_dict.pt", "-f", "json"], capsys)
+def test_state_dict_has_no_network_bound(cli: Cli) -> None:
+    code, out, err = cli("inspect", SAMPLES / "mlp.state_dict.pt", "-f", "json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["network"]["bounded"] is False and doc["network"]["lipschitz_bound"] is None
@@ -95,24 +85,21 @@ def test_state_dict_has_no_network_bound(capsys: pytest.CaptureFixture[str]) -> 
     assert [r["name"] for r in doc["layers"]] == ["0", "2", "4"]
 
 
-def test_torchscript_needs_input_shape_for_a_bound(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = lipcheck(["inspect", SAMPLES / "mlp.ts.pt", "-f", "json"], capsys)
+def test_torchscript_needs_input_shape_for_a_bound(cli: Cli) -> None:
+    code, out, _ = cli("inspect", SAMPLES / "mlp.ts.pt", "-f", "json")
     assert code == 0 and json.loads(out)["network"]["bounded"] is False
     # tracing the graph runs the archive's code: refused without --trust
-    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.ts.pt", "-f", "json", "--input-shape", "1,16"], capsys)
+    code, out, err = cli("inspect", SAMPLES / "mlp.ts.pt", "-f", "json", "--input-shape", "1,16")
     assert code == 2 and "--trust" in err and out == ""
-    code, out, _ = lipcheck(["inspect", SAMPLES / "mlp.ts.pt", "-f", "json", "--input-shape",
-                             "1,16", "--trust"], capsys)
+    code, out, _ = cli("inspect", SAMPLES / "mlp.ts.pt", "-f", "json", "--input-shape", "1,16", "--trust")
     assert code == 0 and json.loads(out)["network"]["bounded"] is True
 
 
-def test_pickle_needs_trust(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.pickle.pt", "--input-shape", "1,16"],
-                              capsys)
+def test_pickle_needs_trust(cli: Cli) -> None:
+    code, out, err = cli("inspect", SAMPLES / "mlp.pickle.pt", "--input-shape", "1,16")
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "--trust" in err
-    code, out, err = lipcheck(["inspect", SAMPLES / "mlp.pickle.pt", "--input-shape", "1,16",
-                               "--trust", "-f", "json"], capsys)
+    code, out, err = cli("inspect", SAMPLES / "mlp.pickle.pt", "--input-shape", "1,16", "--trust", "-f", "json")
     assert code == 0, err
     assert json.loads(out)["network"]["bounded"] is True
 
@@ -131,9 +118,8 @@ def test_pickle_needs_trust(capsys: pytest.CaptureFixture[str]) -> None:
         (["inspect"], "Missing argument"),
     ],
 )
-def test_bad_usage_is_one_line_exit_2(args: list[object], fragment: str,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = lipcheck(args, capsys)  # type: ignore[arg-type]
+def test_bad_usage_is_one_line_exit_2(args: list[object], fragment: str, cli: Cli) -> None:
+    code, out, err = cli(*args)
     assert code == 2
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("lipcheck: error:"), err
@@ -141,18 +127,17 @@ def test_bad_usage_is_one_line_exit_2(args: list[object], fragment: str,
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 64, b"not a model at all", b"PK\x03\x04junk"])
-def test_broken_files_exit_2(tmp_path: Path, content: bytes,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_broken_files_exit_2(tmp_path: Path, content: bytes, cli: Cli) -> None:
     path = tmp_path / "model.onnx"
     path.write_bytes(content)
-    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    code, out, err = cli("inspect", path, "-f", "json")
     assert code == 2 and out == "" and err.count("\n") == 1
 
 
-def test_report_never_overwrites_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_never_overwrites_the_model(tmp_path: Path, cli: Cli) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes((SAMPLES / "mlp.onnx").read_bytes())
-    code, _, err = lipcheck(["inspect", model, "-f", "json", "-o", model], capsys)
+    code, _, err = cli("inspect", model, "-f", "json", "-o", model)
     assert code == 2 and "model file" in err
     assert model.read_bytes() == (SAMPLES / "mlp.onnx").read_bytes()
 
@@ -170,7 +155,7 @@ def _gemm_graph(nodes: list[onnx.NodeProto], inits: list[TensorProto], out_dim: 
     return helper.make_model(graph, opset_imports=imports)
 
 
-def test_weights_in_constant_nodes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_weights_in_constant_nodes(tmp_path: Path, cli: Cli) -> None:
     w = np.diag([3.0, -5.0, 2.0, 1.0]).astype(np.float32)
     nodes = [
         helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
@@ -179,16 +164,14 @@ def test_weights_in_constant_nodes(tmp_path: Path, capsys: pytest.CaptureFixture
     ]
     path = tmp_path / "const.onnx"
     onnx.save(_gemm_graph(nodes, [], 4), path)
-    code, out, err = lipcheck(["inspect", path, "-f", "json", "--dtype", "float64", "--tol", "1e-12"],
-                              capsys)
+    code, out, err = cli("inspect", path, "-f", "json", "--dtype", "float64", "--tol", "1e-12")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["layers"][0]["sigma"] == pytest.approx(5.0, rel=1e-9)
     assert 5.0 <= doc["network"]["lipschitz_bound"] <= 5.0 * (1 + 2e-4)
 
 
-def test_unsupported_ops_are_skipped_with_reason(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_unsupported_ops_are_skipped_with_reason(tmp_path: Path, cli: Cli) -> None:
     rng = np.random.default_rng(0)
     w1 = rng.normal(size=(4, 4)).astype(np.float32)
     w2 = rng.normal(size=(3, 4)).astype(np.float32)
@@ -200,7 +183,7 @@ def test_unsupported_ops_are_skipped_with_reason(tmp_path: Path,
     inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
     path = tmp_path / "custom.onnx"
     onnx.save(_gemm_graph(nodes, inits, 3, domains=("com.example",)), path)
-    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    code, out, err = cli("inspect", path, "-f", "json")
     assert code == 0, err
     doc = json.loads(out)
     assert [r["name"] for r in doc["layers"]] == ["w1", "w2"]
@@ -211,8 +194,7 @@ def test_unsupported_ops_are_skipped_with_reason(tmp_path: Path,
     assert "Mystery" in doc["network"]["reason"]
 
 
-def test_if_node_is_skipped_but_layers_still_measured(tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_if_node_is_skipped_but_layers_still_measured(tmp_path: Path, cli: Cli) -> None:
     w = np.diag([2.0, 1.0, 1.0, 1.0]).astype(np.float32)
     branch = lambda name: helper.make_graph(  # noqa: E731
         [helper.make_node("Identity", ["h"], [f"{name}_out"])], name, [],
@@ -227,26 +209,25 @@ def test_if_node_is_skipped_but_layers_still_measured(tmp_path: Path,
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(0), "zero")]
     path = tmp_path / "if.onnx"
     onnx.save(_gemm_graph(nodes, inits, 4), path)
-    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    code, out, err = cli("inspect", path, "-f", "json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["layers"][0]["sigma"] == pytest.approx(2.0, rel=1e-5)
     assert doc["network"]["bounded"] is False
 
 
-def test_external_data_inside_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_external_data_inside_folder(tmp_path: Path, cli: Cli) -> None:
     model = onnx.load(SAMPLES / "mlp.onnx")
     onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
               location="weights.bin", size_threshold=0)
-    code, out, err = lipcheck(["inspect", tmp_path / "ext.onnx", "-f", "json"], capsys)
+    code, out, err = cli("inspect", tmp_path / "ext.onnx", "-f", "json")
     assert code == 0, err
-    _, ref, _ = lipcheck(["inspect", SAMPLES / "mlp.onnx", "-f", "json"], capsys)
+    _, ref, _ = cli("inspect", SAMPLES / "mlp.onnx", "-f", "json")
     assert json.loads(out)["layers"] == json.loads(ref)["layers"]
 
 
 @pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "link.bin", "missing.bin"])
-def test_external_data_outside_folder_is_refused(tmp_path: Path, location: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_external_data_outside_folder_is_refused(tmp_path: Path, location: str, cli: Cli) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
     model = onnx.load(SAMPLES / "mlp.onnx")
@@ -260,22 +241,21 @@ def test_external_data_outside_folder_is_refused(tmp_path: Path, location: str,
             if entry.key == "location":
                 entry.value = location
     onnx.save(loaded, folder / "ext.onnx")
-    code, out, err = lipcheck(["inspect", folder / "ext.onnx", "-f", "json"], capsys)
+    code, out, err = cli("inspect", folder / "ext.onnx", "-f", "json")
     assert code == 2 and out == "" and err.count("\n") == 1
 
 
-def test_external_data_length_beyond_file_is_refused(tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_external_data_length_beyond_file_is_refused(tmp_path: Path, cli: Cli) -> None:
     model = onnx.load(SAMPLES / "mlp.onnx")
     onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
               location="weights.bin", size_threshold=0)
     data = (tmp_path / "weights.bin").read_bytes()
     (tmp_path / "weights.bin").write_bytes(data[: len(data) // 2])
-    code, _, err = lipcheck(["inspect", tmp_path / "ext.onnx"], capsys)
+    code, _, err = cli("inspect", tmp_path / "ext.onnx")
     assert code == 2 and "beyond" in err
 
 
-def test_lstm_rows_and_unbounded_network(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_lstm_rows_and_unbounded_network(tmp_path: Path, cli: Cli) -> None:
     import torch
 
     from lipcheck.testing import make_lstm
@@ -285,7 +265,7 @@ def test_lstm_rows_and_unbounded_network(tmp_path: Path, capsys: pytest.CaptureF
     buffer = io.BytesIO()
     torch.onnx.export(model, (torch.zeros(shape),), buffer, dynamo=False, opset_version=17)
     path.write_bytes(buffer.getvalue())
-    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    code, out, err = cli("inspect", path, "-f", "json")
     assert code == 0, err
     doc = json.loads(out)
     gates = [r for r in doc["layers"] if r["kind"] == "recurrent"]
@@ -293,7 +273,8 @@ def test_lstm_rows_and_unbounded_network(tmp_path: Path, capsys: pytest.CaptureF
     assert doc["network"]["bounded"] is False and "LSTM" in doc["network"]["reason"]
 
 
-def test_torch_export_archive_needs_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.e2e
+def test_torch_export_archive_needs_trust(tmp_path: Path, cli: Cli) -> None:
     import torch
 
     from lipcheck.testing import make_cnn
@@ -301,12 +282,12 @@ def test_torch_export_archive_needs_trust(tmp_path: Path, capsys: pytest.Capture
     model, shape = make_cnn()
     path = tmp_path / "cnn.pt2"
     torch.export.save(torch.export.export(model, (torch.zeros(shape),)), path)
-    code, out, err = lipcheck(["inspect", path], capsys)
+    code, out, err = cli("inspect", path)
     assert code == 2 and "--trust" in err and out == ""
-    code, out, err = lipcheck(["inspect", path, "--trust", "-f", "json"], capsys)
+    code, out, err = cli("inspect", path, "--trust", "-f", "json")
     assert code == 0, err
     doc = json.loads(out)
-    _, ref, _ = lipcheck(["inspect", SAMPLES / "cnn.onnx", "-f", "json"], capsys)
+    _, ref, _ = cli("inspect", SAMPLES / "cnn.onnx", "-f", "json")
     ref_doc = json.loads(ref)
     assert doc["model"]["input_shape"] == [1, 3, 16, 16]
     assert doc["network"]["lipschitz_bound"] == pytest.approx(ref_doc["network"]["lipschitz_bound"], rel=1e-9)
@@ -329,7 +310,7 @@ def test_lanczos_matches_power_reference_in_fewer_iterations(sample: str) -> Non
     assert krylov.network.lipschitz_bound == pytest.approx(power.network.lipschitz_bound, rel=1e-3)
 
 
-def test_shape_of_an_activation_is_not_an_op_to_skip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shape_of_an_activation_is_not_an_op_to_skip(tmp_path: Path, cli: Cli) -> None:
     """Shape(x) feeds a Reshape: it does not depend on x's values, so nothing is skipped."""
     w = np.eye(4, dtype=np.float32) * 3
     nodes = [
@@ -339,7 +320,7 @@ def test_shape_of_an_activation_is_not_an_op_to_skip(tmp_path: Path, capsys: pyt
     ]
     path = tmp_path / "shape.onnx"
     onnx.save(_gemm_graph(nodes, [numpy_helper.from_array(w, "w")], 4), path)
-    code, out, err = lipcheck(["inspect", path, "-f", "json"], capsys)
+    code, out, err = cli("inspect", path, "-f", "json")
     assert code == 0, err
     doc = json.loads(out)
     assert doc["skipped"] == [] and doc["network"]["bounded"] is True

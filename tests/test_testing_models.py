@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES
 
 from lipcheck import testing as lt
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLES_DIR = REPO_ROOT / "samples"
-SAMPLE_SCRIPT = SAMPLES_DIR / "make_samples.py"
+SAMPLE_SCRIPT = SAMPLES / "make_samples.py"
 SAMPLE_MODELS = {"mlp": lt.make_mlp, "cnn": lt.make_cnn, "resnet": lt.make_resnet}
 SAMPLE_SUFFIXES = (".onnx", ".ts.pt", ".state_dict.pt", ".pickle.pt")
 
@@ -172,11 +171,13 @@ def _check_onnx_matches_torch(path: Path, name: str) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(SAMPLE_MODELS))
 def test_generated_onnx_valid_and_matches_torch(generated_samples: Path, name: str) -> None:
     _check_onnx_matches_torch(generated_samples / f"{name}.onnx", name)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(SAMPLE_MODELS))
 def test_generated_torch_formats_load(generated_samples: Path, name: str) -> None:
     model, shape = SAMPLE_MODELS[name](0)
@@ -198,6 +199,7 @@ def test_generated_torch_formats_load(generated_samples: Path, name: str) -> Non
         torch.testing.assert_close(traced(x), expected)
 
 
+@pytest.mark.e2e
 def test_generated_samples_are_small(generated_samples: Path) -> None:
     total = sum(p.stat().st_size for p in generated_samples.iterdir())
     assert total < 2 * 1024 * 1024
@@ -205,7 +207,4 @@ def test_generated_samples_are_small(generated_samples: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(SAMPLE_MODELS))
 def test_committed_onnx_samples(name: str) -> None:
-    path = SAMPLES_DIR / f"{name}.onnx"
-    if not path.exists():
-        pytest.skip(f"{path} not generated; run python samples/make_samples.py")
-    _check_onnx_matches_torch(path, name)
+    _check_onnx_matches_torch(SAMPLES / f"{name}.onnx", name)
