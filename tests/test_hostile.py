@@ -1,6 +1,6 @@
 """Untrusted and broken model files: nothing runs, one clear line, nothing written.
 
-Every file of the hostile corpus (``make_hostile_corpus.py``) goes through
+Every file of the hostile corpus (the ``corpus`` package beside this file) goes through
 ``lipcheck inspect``: the exit code and message class are the expected ones, the
 payloads' marker file never appears, stderr holds one ``lipcheck: error:`` line (and,
 under ``python -m lipcheck``, no traceback), stdout is empty on error, and the corpus
@@ -19,14 +19,12 @@ import sys
 import warnings
 from pathlib import Path
 
+import corpus
 import pytest
 from conftest import SAMPLES, Cli, CliResult
 
 import lipcheck
 from lipcheck.errors import InputError, UnsupportedInputError, UntrustedInputError
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_hostile_corpus as corpus  # noqa: E402
 
 CASES = {c.name: c for c in corpus.CASES}
 # The built corpus: its folder, each case's file, and the folder's listing before any test.
