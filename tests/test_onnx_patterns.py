@@ -103,3 +103,133 @@ def test_dynamo_softplus_is_one_activation(beta: float, tmp_path: Path) -> None:
         jac = torch.autograd.functional.jacobian(lambda v: model.double()(v), x)
         assert float(torch.linalg.matrix_norm(jac, 2)) <= report.network.lipschitz_bound
     assert not report.skipped
+
+
+def _export(model: torch.nn.Module, path: Path, dynamo: bool, opset: int | None = None) -> onnx.ModelProto:
+    import warnings
+
+    kwargs = {} if opset is None else {"opset_version": opset}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 4),), str(path), dynamo=dynamo, verbose=False, **kwargs)
+    return onnx.load(str(path))
+
+
+def _max_jacobian(model: torch.nn.Module, seeds: int = 8, scale: float = 3.0) -> float:
+    m64 = __import__("copy").deepcopy(model).double()
+    best = 0.0
+    for seed in range(seeds):
+        x = torch.randn(1, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+        jac = torch.autograd.functional.jacobian(m64, x).reshape(-1, 4)
+        best = max(best, float(torch.linalg.matrix_norm(jac, 2)))
+    return best
+
+
+def _linear_norms(model: torch.nn.Module) -> list[float]:
+    return [float(torch.linalg.matrix_norm(m.weight.detach().double(), 2))
+            for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+# (exporter, opset, the ops that must carry the GELU): the legacy exporter below opset 20 and
+# the dynamo exporter at 18 write the erf form (Constant nodes of shape (), or initializers);
+# both write a Gelu node at their default opset.
+GELU_EXPORTS = [(False, 17, "Erf"), (True, 18, "Erf"), (False, None, "Gelu"), (True, None, "Gelu")]
+
+
+@pytest.mark.parametrize(("dynamo", "opset", "op"), GELU_EXPORTS)
+def test_torch_exported_gelu_is_recognised(dynamo: bool, opset: int | None, op: str, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.GELU(), torch.nn.Linear(6, 3)).eval()
+    path = tmp_path / "gelu.onnx"
+    exported = _export(model, path, dynamo, opset)
+    assert op in {n.op_type for n in exported.graph.node}
+    report = lipcheck.analyze(path)
+    assert report.network.bounded, report.network.reason
+    assert not report.skipped
+    product = math.prod(_linear_norms(model))
+    assert report.network.lipschitz_bound == pytest.approx(product * GELU_LIP, rel=1e-3)
+    gelu = [r for r in report.layers if r.kind == "activation" and (r.op == "Gelu" or "GELU" in (r.note or ""))]
+    assert len(gelu) == 1
+    assert _max_jacobian(model) <= report.network.lipschitz_bound
+
+
+@pytest.mark.parametrize("beta", [1.0, 2.0])
+def test_legacy_softplus_bound_is_the_linear_product(beta: float, tmp_path: Path) -> None:
+    """The legacy exporter's Softplus node (with Mul/Div around it for beta != 1)."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Softplus(beta=beta), torch.nn.Linear(6, 3)).eval()
+    path = tmp_path / "softplus.onnx"
+    exported = _export(model, path, dynamo=False)
+    assert "Softplus" in {n.op_type for n in exported.graph.node}
+    report = lipcheck.analyze(path)
+    assert report.network.bounded, report.network.reason
+    assert report.network.lipschitz_bound == pytest.approx(math.prod(_linear_norms(model)), rel=1e-5)
+    assert _max_jacobian(model) <= report.network.lipschitz_bound
+
+
+def test_dynamo_softplus_with_a_visible_jump_is_not_lipschitz(tmp_path: Path) -> None:
+    """Softplus(threshold=5) as torch computes it jumps by softplus(-5) = 0.0067 at x = 5: no
+    finite constant exists, and lipcheck says so rather than certify 1."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Softplus(threshold=5.0)).eval()
+    path = tmp_path / "softplus.onnx"
+    _export(model, path, dynamo=True)
+    report = lipcheck.analyze(path)
+    assert not report.network.bounded
+    assert "jumps by 0.0067" in report.network.reason
+    left, right = torch.tensor([5.0 - 1e-6]), torch.tensor([5.0 + 1e-6])
+    assert abs(float(model[1](right) - model[1](left))) > 0.006  # torch's own function jumps there
+
+
+@pytest.mark.parametrize("mode", [np.array(False), np.array([False]), np.array([[False]]), np.array([]),
+                                  np.array([True])])
+def test_dropout_mode_of_any_shape(mode: np.ndarray, tmp_path: Path) -> None:
+    """Dropout's training_mode input of shape (), (1,) or (1, 1): read, never a crash."""
+    nodes = [helper.make_node("Dropout", ["x", "ratio", "mode"], ["y"], name="drop")]
+    graph = helper.make_graph(
+        nodes, "drop", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(0.5, dtype=np.float32), "ratio"),
+         numpy_helper.from_array(mode.astype(bool), "mode")])
+    path = tmp_path / "drop.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    report = lipcheck.analyze(path)
+    inference = mode.size == 1 and not bool(mode.reshape(-1)[0])
+    assert report.network.bounded == inference, report.network.reason
+    if inference:
+        assert report.network.lipschitz_bound == 1.0
+
+
+def test_erf_gelu_with_the_half_on_x_and_a_multiplied_erf_argument(tmp_path: Path) -> None:
+    """(0.5 x) * (1 + erf(x * 0.7071...)) with (1, 1, 1)-shaped constants: GELU(x), constant
+    sup |GELU'| (not twice it), and at least the Jacobian norm."""
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((6, 4)).astype(np.float32)
+
+    def const(name: str, value: float) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.full((1, 1, 1), value, dtype=np.float32), name)
+
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1),
+        helper.make_node("Mul", ["half", "h"], ["hh"]),
+        helper.make_node("Mul", ["h", "rsqrt2"], ["hs"]),
+        helper.make_node("Erf", ["hs"], ["e"]),
+        helper.make_node("Add", ["one", "e"], ["e1"]),
+        helper.make_node("Mul", ["e1", "hh"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "gelu", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 6])],
+        [numpy_helper.from_array(w1, "w1"), const("half", 0.5), const("one", 1.0),
+         const("rsqrt2", 1 / math.sqrt(2))])
+    path = tmp_path / "gelu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    report = lipcheck.analyze(path)
+    assert report.network.bounded, report.network.reason
+    norm = float(np.linalg.norm(w1.astype(np.float64), 2))
+    assert report.network.lipschitz_bound == pytest.approx(norm * GELU_LIP, rel=1e-3)
+    f = lambda v: torch.nn.functional.gelu(v @ torch.from_numpy(w1).double().T)  # noqa: E731
+    for seed in range(6):
+        x = torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+        jac = torch.autograd.functional.jacobian(f, x)
+        assert float(torch.linalg.matrix_norm(jac, 2)) <= report.network.lipschitz_bound

@@ -101,9 +101,9 @@ def mover(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if data != [0]:
         return unbounded(f"{node.op} shape or index input depends on the input values")
     if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2]:
-        mode = ctx.graph.const(node.inputs[2])
-        if mode is None or bool(mode):
-            return unbounded("Dropout in training mode is random")
+        mode = ctx.graph.const(node.inputs[2])  # a bool of any one-element shape
+        if mode is None or mode.size != 1 or bool(mode.reshape(-1)[0]):
+            return unbounded("Dropout in training mode (or with an unreadable mode) is random")
     return Outcome(factors={0: 1.0})
 
 
@@ -192,14 +192,16 @@ def _same_source(graph: Graph, value: str, op: str, x: str) -> bool:
     return node is not None and node.op == op and node.inputs[0] == x
 
 
-Match = tuple[str, list[Node]]  # (x, the nodes of the g(x) branch)
+# (x, the nodes that compute the product from x besides the Mul itself, and the product's
+# Lipschitz constant as a function of x)
+Match = tuple[str, list[Node], float]
 
 
 def _silu_input(graph: Graph, a: str, b: str) -> Match | None:
     """x * sigmoid(x)."""
     for x, other in ((a, b), (b, a)):
         if _same_source(graph, other, "Sigmoid", x):
-            return x, [graph.producer[other]]
+            return x, [graph.producer[other]], SILU_LIP
     return None
 
 
@@ -208,47 +210,72 @@ def _mish_input(graph: Graph, a: str, b: str) -> Match | None:
     for x, other in ((a, b), (b, a)):
         tanh = graph.producer.get(other)
         if tanh is not None and tanh.op == "Tanh" and _same_source(graph, tanh.inputs[0], "Softplus", x):
-            return x, [graph.producer[tanh.inputs[0]], tanh]
+            return x, [graph.producer[tanh.inputs[0]], tanh], MISH_LIP
     return None
 
 
 def _scalar(c: np.ndarray | None) -> float | None:
     """The value of a constant holding one number, whatever its shape ((), (1,), (1, 1, 1)):
-    numpy 2 refuses float() on arrays with dimensions."""
-    if c is None or c.size != 1 or not np.issubdtype(c.dtype, np.number):
+    numpy 2 refuses float() on arrays with dimensions. None for anything else (several
+    values, no values, not a number): a matcher then declines rather than guess."""
+    if c is None or c.size != 1 or not np.issubdtype(c.dtype, np.number) or np.iscomplexobj(c):
         return None
-    return float(c.reshape(-1)[0])
+    value = float(c.reshape(-1)[0])
+    return value if math.isfinite(value) else None
+
+
+MAX_SCALINGS = 3  # Mul/Div by one-number constants followed back from a value
+
+
+def _unscaled(graph: Graph, value: str) -> tuple[str, float, list[Node]]:
+    """``value`` as c * v for a one-number constant c, followed back through Mul and Div by
+    such constants: (v, c, the Mul/Div nodes). (value, 1.0, []) when there are none."""
+    scale, nodes = 1.0, []
+    for _ in range(MAX_SCALINGS):
+        node = graph.producer.get(value)
+        if node is None or node.op not in ("Mul", "Div") or node.domain or len(node.inputs) != 2:
+            break
+        consts = [_scalar(graph.const(i)) for i in node.inputs]
+        if node.op == "Div":
+            if consts[0] is not None or not consts[1]:
+                break
+            scale, value = scale / consts[1], node.inputs[0]
+        else:
+            pos = 1 if consts[1] is not None else 0 if consts[0] is not None else None
+            if pos is None or consts[1 - pos] is not None:
+                break
+            c = consts[pos]
+            assert c is not None
+            scale, value = scale * c, node.inputs[1 - pos]
+        nodes.append(node)
+    return value, scale, nodes
 
 
 def _erf_gelu_input(graph: Graph, a: str, b: str) -> Match | None:
-    """x * (1 + erf(x / sqrt 2)): the erf form of 2 GELU(x) that torch exports."""
-    for x, other in ((a, b), (b, a)):
-        add = graph.producer.get(other)
-        if add is None or add.op != "Add":
+    """(p x) * (q (1 + erf(x / sqrt 2))) = 2 p q GELU(x), GELU(x) = x Phi(x), with p, q
+    one-number constants (Mul or Div): torch's legacy exporter writes p = q = 1 and a 0.5
+    Mul after, the dynamo exporter q = 0.5, others p = 0.5. Constant 2 |p q| sup |GELU'|."""
+    for left, right in ((a, b), (b, a)):
+        x, p, p_nodes = _unscaled(graph, left)
+        one_erf, q, q_nodes = _unscaled(graph, right)
+        add = graph.producer.get(one_erf)
+        if add is None or add.op != "Add" or len(add.inputs) != 2:
             continue
-        one = [graph.const(i) for i in add.inputs]
-        if not any(_scalar(c) == 1.0 for c in one):
-            continue
-        for term in add.inputs:
-            erf = graph.producer.get(term)
-            if erf is None or erf.op != "Erf":
+        for k in (0, 1):
+            erf = graph.producer.get(add.inputs[k])
+            if _scalar(graph.const(add.inputs[1 - k])) != 1.0 or erf is None or erf.op != "Erf":
                 continue
-            scale = graph.producer.get(erf.inputs[0])
-            if scale is None or scale.op not in ("Div", "Mul") or scale.inputs[0] != x:
-                continue
-            c = _scalar(graph.const(scale.inputs[1]))
-            want = math.sqrt(2) if scale.op == "Div" else 1 / math.sqrt(2)
-            if c is not None and abs(c - want) < 1e-4:
-                return x, [scale, erf, add]
+            inner, c, c_nodes = _unscaled(graph, erf.inputs[0])
+            if inner == x and c_nodes and abs(c - 1 / math.sqrt(2)) < 1e-4 and p * q != 0:
+                return x, [*p_nodes, *c_nodes, erf, add, *q_nodes], 2 * abs(p * q) * GELU_LIP
     return None
 
 
-# x * g(x) products that are one smooth activation: (recogniser, name, sup |f'|).
-# The erf form is 2 GELU(x); the 0.5 multiply torch exports after it halves it back.
+# x * g(x) products that are one smooth activation: (recogniser, name).
 PRODUCT_ACTIVATIONS = (
-    (_silu_input, "SiLU", SILU_LIP),
-    (_mish_input, "Mish", MISH_LIP),
-    (_erf_gelu_input, "2*GELU (erf form)", 2 * GELU_LIP),
+    (_silu_input, "SiLU"),
+    (_mish_input, "Mish"),
+    (_erf_gelu_input, "GELU (erf form)"),
 )
 
 
@@ -257,17 +284,18 @@ def mul(ctx: Context, node: Node, data: list[int]) -> Outcome:
     g = ctx.graph
     if len(data) == 2:
         a, b = node.inputs
-        for find, name, value in PRODUCT_ACTIVATIONS:
+        for find, name in PRODUCT_ACTIVATIONS:
             match = find(g, a, b)
-            if match is not None:
-                x, branch = match
-                row = _row(ctx, node, "activation", value, "sup |f'|", note=f"recognised {name}",
-                           data_in=x)
-                # The whole product is bounded through x; the g(x) branch adds nothing, and
-                # its ops are part of this activation rather than layers of their own.
-                pos = node.inputs.index(x)
-                return Outcome(factors={pos: value, 1 - pos: 0.0}, row=row,
-                               absorbs=[n.name for n in branch])
+            if match is None:
+                continue
+            x, branch, value = match
+            row = _row(ctx, node, "activation", value, "sup |f'|", note=f"recognised {name}", data_in=x)
+            # The whole product is bounded through x (the input on x's side, or x itself
+            # when that input is a constant times x); the other input adds nothing, and
+            # the ops in between are part of this activation rather than layers of their own.
+            pos = next(k for k in (0, 1) if node.inputs[k] == x or _unscaled(g, node.inputs[k])[0] == x)
+            return Outcome(factors={pos: value, 1 - pos: 0.0}, row=row, sources={pos: x},
+                           absorbs=[n.name for n in branch])
         return unbounded("product of two activations is not globally Lipschitz")
     pos = data[0]
     c = g.const(node.inputs[1 - pos])
@@ -363,12 +391,21 @@ def not_lipschitz(ctx: Context, node: Node, data: list[int]) -> Outcome:
         if match is not None:
             x, branch, beta, threshold = match
             # sup |f'| = 1 on both sides (sigmoid(beta x) <= 1, and the identity). At the
-            # switch torch's function jumps by log1p(exp(-threshold)) / beta, which the
-            # legacy exporter's Softplus node hides in the same way.
-            jump = math.log1p(math.exp(-threshold * 1.0)) / beta if threshold * 1.0 < 700 else 0.0
+            # switch x = threshold / beta the function jumps by softplus(-threshold) / beta
+            # (2.1e-9 for torch's default threshold 20), and a function with a jump has no
+            # Lipschitz constant. A jump below float32's resolution of the value there
+            # (eps32 * max(1, |x|)) is one no float32 evaluation can show: that one is
+            # treated as continuous, and a larger one makes the op unbounded.
+            jump = float(np.logaddexp(0.0, -threshold)) / beta
+            switch = threshold / beta
+            resolution = float(np.finfo(np.float32).eps) * max(1.0, abs(switch))
+            label = f"Softplus(beta={beta:g}, threshold={threshold:g})"
+            if not jump <= resolution:
+                return unbounded(f"{label} as torch's dynamo exporter writes it jumps by {jump:.2g} at "
+                                 f"x = {switch:g}: not continuous")
             row = _row(ctx, node, "activation", 1.0, "sup |f'|", data_in=x,
-                       note=f"recognised Softplus(beta={beta:g}, threshold={threshold:g}) as torch's dynamo "
-                            f"exporter writes it; the switch to x jumps by {jump:.2g}")
+                       note=f"recognised {label} as torch's dynamo exporter writes it; its jump of "
+                            f"{jump:.2g} at x = {switch:g} is below float32 resolution there")
             pos = node.inputs.index(x)
             return Outcome(factors={k: (1.0 if k == pos else 0.0) for k in range(3)}, row=row,
                            absorbs=[n.name for n in branch])
