@@ -705,11 +705,63 @@ def _quiet() -> Any:
         yield
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _export_failure(exc: BaseException) -> str:
+    """Why an export step failed, in one line: the innermost cause (the dynamo exporter wraps
+    it in a page of advice with terminal colours), its type and first line."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [ANSI_ESCAPE.sub("", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def _exported_program(module: torch.nn.Module, example: torch.Tensor) -> Any:
+    """The module as a torch.export ExportedProgram, its fused attention kernels written out
+    (see :mod:`.fused`). A ScriptModule is converted from its TorchScript graph, since
+    torch.export does not take ScriptModules."""
+    from . import fused
+
+    if isinstance(module, torch.jit.ScriptModule):
+        from torch._export.converter import TS2EPConverter
+
+        program = TS2EPConverter(module, (example,)).convert()
+    else:
+        try:
+            program = torch.export.export(module, (example,), strict=False)
+        except Exception:  # noqa: BLE001 - torch.onnx's own order: non-strict, then strict
+            program = torch.export.export(module, (example,), strict=True)
+    decompositions = fused.table()
+    if any(n.target in decompositions for n in program.graph.nodes):
+        program = program.run_decompositions(decompositions)
+    return program
+
+
+def _forward_arguments(module: torch.nn.Module) -> list[str]:
+    """The names of a ScriptModule's forward arguments after ``self`` ([] when unknown)."""
+    try:
+        return [a.name for a in module.forward.schema.arguments[1:]]  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return []
+
+
 def to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
-    """Export in memory. First the TorchScript-based exporter (it keeps BatchNorm nodes, names
-    nodes by module scope and accepts ScriptModules); when it fails on a module (an op it
-    cannot translate, such as ``aten::_native_multi_head_attention``), the dynamo exporter.
-    An error names every step that failed."""
+    """Export in memory, trying two exporters in turn.
+
+    1. The TorchScript-based ("legacy") exporter at opset ``ONNX_OPSET``: it keeps BatchNorm
+       as its own node and names nodes by module scope, and takes ScriptModules.
+    2. When it fails (an op it cannot translate: ``_native_multi_head_attention``, the SDPA
+       of a pickled TransformerEncoderLayer, ...), the dynamo exporter on a torch.export
+       program of the module (a ScriptModule converted by torch's TorchScript converter).
+       A converted ScriptModule has no module scopes, so the graph is not optimized: the
+       weights keep their parameter names (the optimizer would fold their transposes into
+       new, unnamed initializers).
+
+    The ONNX model stays in memory (the dynamo exporter's ``.onnx.data`` is never written).
+    When both fail, one InputError names each step and why it failed.
+    """
     import onnx
 
     try:
@@ -729,17 +781,22 @@ def to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> Any:
             )
         return onnx.load_model_from_string(buffer.getvalue())
     except Exception as exc:  # noqa: BLE001 - export failures are the model's, not ours
-        failures.append(f"TorchScript-based exporter (opset {ONNX_OPSET}): {_first_line(exc)}")
-    if isinstance(module, torch.jit.ScriptModule):
-        failures.append("dynamo exporter: not tried, it does not take TorchScript modules")
-    else:
-        try:
-            with _quiet():
-                program = torch.onnx.export(module, (example,), dynamo=True, verbose=False,
-                                            input_names=["input"])
-            assert program is not None
-            return program.model_proto
-        except Exception as exc:  # noqa: BLE001
-            failures.append(f"dynamo exporter: {_first_line(exc)}")
+        failures.append(f"legacy exporter (opset {ONNX_OPSET}): {_export_failure(exc)}")
+    script = isinstance(module, torch.jit.ScriptModule)
+    step = "converting TorchScript to torch.export" if script else "torch.export"
+    try:
+        with _quiet():
+            program = _exported_program(module, example)
+            step = "translating to ONNX"
+            onnx_program = torch.onnx.export(program, (example,), dynamo=True, verbose=False,
+                                             input_names=["input"], optimize=not script)
+        assert onnx_program is not None
+        return onnx_program.model_proto
+    except Exception as exc:  # noqa: BLE001
+        failures.append(f"dynamo exporter ({step}): {_export_failure(exc)}")
+    arguments = _forward_arguments(module) if script else []
+    if len(arguments) > 1:
+        failures.append(f"note: forward takes {len(arguments)} arguments ({', '.join(arguments)}); "
+                        "lipcheck passes only the input")
     raise InputError(f"cannot trace the model at input shape {','.join(map(str, input_shape))}: "
                      + "; ".join(failures))
