@@ -1,7 +1,7 @@
 """Robustness gates: rules a report must satisfy for a release to pass.
 
 Pure data in, data out: the CLI turns failed rules into exit code 1. Values are the
-certified numbers by default (``--bound certified``); ``estimate`` uses power-iteration
+certified numbers by default (``--bound certified``); ``estimate`` uses the Lanczos/power
 estimates instead (lower bounds: a gate on them can pass a model whose true constant is
 above the limit, which the rule's message says).
 """

@@ -16,7 +16,7 @@ SCHEMA_VERSION = "1"
 class LayerRow:
     """One analysed op.
 
-    sigma        power-iteration estimate of the op's spectral norm (a lower bound)
+    sigma        Lanczos (or power-iteration) estimate of the op's spectral norm (a lower bound)
     sigma_matrix for convolutions: sigma of the weight reshaped to (out, -1), the
                  number torch.nn.utils.spectral_norm divides by (not a Lipschitz constant)
     sigma_upper  certified upper bound on the op's constant, obtained by upper_method

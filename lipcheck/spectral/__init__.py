@@ -1,0 +1,63 @@
+"""Spectral norms: Lanczos (or power-iteration) estimates and certified upper bounds.
+
+Everything here is pure numerics on torch tensors: no printing, no I/O.
+
+Two kinds of number come out of this package and must never be confused:
+
+* an **estimate** (``Estimate.sigma``, :mod:`.estimate`) from thick-restart Lanczos, or
+  plain power iteration with ``method="power"``. Both return the norm of the operator
+  applied to a unit vector, so the estimate is a *lower* bound on the largest singular
+  value, and only close to it once converged;
+* a **certificate** (``Certificate.value``, :mod:`.certify`), an upper bound that holds
+  whatever the spectrum looks like (Cholesky-verified candidates, circular-convolution
+  FFT, Schur test).
+
+:mod:`.maps` holds the linear maps both work on (convolutions, paddings) and
+:mod:`.settings` the numerical settings of a run. The names below are the package's
+interface; the tuning constants of the loops stay in their modules.
+"""
+
+from __future__ import annotations
+
+from .certify import (
+    CERT_GAP,
+    CERT_SAFETY,
+    Certificate,
+    SigmaMaxBound,
+    conv_fft_upper_bound,
+    conv_reshape_upper_bound,
+    gram_upper_bound,
+    polyphase_kernel,
+    schur_upper_bound,
+    strided_conv_upper_bound,
+)
+from .estimate import Estimate, conv_estimate, matrix_estimate, operator_estimate, start_vector
+from .maps import LinearMap, Shape, conv_forward, matrix_batch, pad_forward, pad_multiplicity
+from .settings import METHODS, Settings, resolve_device
+
+__all__ = [
+    "CERT_GAP",
+    "CERT_SAFETY",
+    "METHODS",
+    "Certificate",
+    "Estimate",
+    "LinearMap",
+    "Settings",
+    "Shape",
+    "SigmaMaxBound",
+    "conv_estimate",
+    "conv_forward",
+    "conv_fft_upper_bound",
+    "conv_reshape_upper_bound",
+    "gram_upper_bound",
+    "matrix_batch",
+    "matrix_estimate",
+    "operator_estimate",
+    "pad_forward",
+    "pad_multiplicity",
+    "polyphase_kernel",
+    "resolve_device",
+    "schur_upper_bound",
+    "start_vector",
+    "strided_conv_upper_bound",
+]

@@ -1,0 +1,348 @@
+"""Certified upper bounds on the largest singular value, all computed in float64.
+
+A certificate holds whatever the spectrum looks like: Cholesky-verified candidates for
+matrices and for the per-frequency matrices of a circular convolution (Sedghi et al. 2019),
+a polyphase kernel for strided convolutions, a size-independent bound from the reshaped
+kernel, and the Schur test for maps with non-negative entries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .maps import LinearMap, Shape, matrix_batch
+
+# Certificates are computed in float64. Rounding in a float64 matmul/FFT chain of
+# the sizes seen in networks is below 1e-9 relative; this factor covers it with room.
+CERT_SAFETY = 1.0 + 1e-6
+UNIT_ROUNDOFF = torch.finfo(torch.float64).eps / 2  # u in the rounding margins below
+
+# A certificate is proven at (1 + CERT_GAP) times the best lower bound found, so it is that
+# tight (plus rounding margins); see SigmaMaxBound.
+CERT_GAP = 1e-7
+CERT_MAX_ROUNDS = 8  # Cholesky rounds before the exact-eigenvalue / Gram-iteration fallback
+CERT_EIG_BATCH = 4  # exact top eigenvalues computed per failed round
+CERT_POWER_STEPS = 8  # batched power steps for the first candidate
+FREQ_CHUNK_BYTES = 1 << 25  # kernel-DFT matrices held at once by the FFT certificate
+GRAM_MAX_STEPS = 14  # squarings of the Gram-iteration fallback
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A proven upper bound on the largest singular value, and how it was obtained."""
+
+    value: float
+    method: str
+
+
+# --------------------------------------------------------------------------- batches of matrices
+
+
+class SigmaMaxBound:
+    """A certified upper bound on the max of sigma_max over matrices fed in batches.
+
+    A candidate t is proven an upper bound on lambda_max(AᴴA) for a batch of matrices by
+    Cholesky factorisations of t I - AᴴA (one per matrix, float64): a Hermitian matrix with
+    a Cholesky factor is positive definite, so every eigenvalue of AᴴA is below t. The
+    candidate starts at (1 + CERT_GAP)² times the best lower bound known (the caller's
+    estimate, batched power-iteration Rayleigh quotients); a matrix whose factorisation
+    fails gets its exact top eigenvalue (``eigvalsh``, a few matrices at a time, largest
+    Rayleigh quotient first), t is raised and only the failed matrices are checked again.
+    Since t only grows, a matrix verified once stays verified. The result is
+    within CERT_GAP (plus the rounding margin) of the true max.
+
+    Cost per n x n Gram matrix: one product (m n² multiply-adds) and one factorisation
+    (n³/3), against several n³ squarings for Gram iteration to the same tightness.
+
+    Rounding: the computed Gram matrix differs from AᴴA by at most 2(m+2)u·tr(AᴴA) in
+    norm (``add``; ``add_gram`` callers pass their own bound), and a successful
+    floating-point Cholesky of t I - G proves t I - G + E positive definite with
+    ||E|| <= 2(n+2)u·(n t + tr(G)) (Demmel's backward error, bounded by the trace of the
+    factored matrix). Both are added to t before the square root; they are around 1e-10
+    relative for network-sized layers, and CERT_SAFETY covers the rounding of the
+    matrices' own entries (kernel DFT).
+    """
+
+    def __init__(self, estimate: float = 0.0) -> None:
+        est = estimate if math.isfinite(estimate) and estimate > 0 else 0.0
+        self._t = (est * (1 + CERT_GAP)) ** 2  # the candidate for lambda_max, unscaled
+        self._margin = 0.0
+
+    def add(self, mats: torch.Tensor) -> None:
+        a = mats.to(torch.complex128 if mats.is_complex() else torch.float64)
+        if a.shape[-2] < a.shape[-1]:
+            a = a.mH  # the Gram matrix of the smaller side
+        if a.numel() == 0:
+            return
+        scale = float((torch.view_as_real(a) if a.is_complex() else a).abs().amax())
+        if scale == 0.0:
+            return
+        a = a / scale  # entries <= 1: no overflow in the products; undone below
+        g = a.mH @ a
+        tr_max = float(torch.diagonal(g, dim1=-2, dim2=-1).real.sum(-1).max())
+        self.add_gram(g, 2 * (a.shape[-2] + 2) * UNIT_ROUNDOFF * tr_max, scale**2)
+
+    def add_gram(self, g: torch.Tensor, gram_error: float = 0.0, unit: float = 1.0) -> None:
+        """Hermitian positive semi-definite ``g`` (B, n, n), in units of ``unit``, computed
+        to within ``gram_error`` (spectral norm, same units) of the true Gram matrices."""
+        if g.numel() == 0:
+            return
+        n = g.shape[-1]
+        t = self._t / unit
+        low = _rayleigh_lower_bounds(g)
+        t = max(t, float(low.max()) * (1 + CERT_GAP) ** 2)
+        pending = torch.arange(g.shape[0], device=g.device)
+        for _ in range(CERT_MAX_ROUNDS):
+            shifted = (g if pending.numel() == g.shape[0] else g[pending]).neg()
+            shifted.diagonal(dim1=-2, dim2=-1).add_(t)
+            info = torch.linalg.cholesky_ex(shifted).info
+            del shifted
+            failed = pending[info != 0]
+            if failed.numel() == 0:
+                break
+            # exact top eigenvalues of the failed matrices with the largest lower bounds
+            worst = failed[torch.argsort(low[failed], descending=True)[:CERT_EIG_BATCH]]
+            top = torch.linalg.eigvalsh(g[worst])[:, -1]
+            t = max(t, float(top.max()) * (1 + CERT_GAP) ** 2)
+            pending = failed
+        else:
+            # not verified in CERT_MAX_ROUNDS rounds (pathological rounding): exact
+            # eigenvalues of what is left, then Gram iteration on G as the final word
+            t = max(t, float(torch.linalg.eigvalsh(g[pending])[:, -1].max()))
+            t = max(t, _gram_iteration_bound(g[pending]))
+        tr_max = float(torch.diagonal(g, dim1=-2, dim2=-1).real.sum(-1).max())
+        margin = gram_error + 2 * (n + 2) * UNIT_ROUNDOFF * (n * t + tr_max)
+        self._t = t * unit
+        self._margin = max(self._margin, margin * unit)
+
+    def value(self) -> float:
+        return math.sqrt(self._t + self._margin) * CERT_SAFETY
+
+
+def _rayleigh_lower_bounds(g: torch.Tensor, steps: int = CERT_POWER_STEPS) -> torch.Tensor:
+    """Rayleigh quotients xᴴGx / xᴴx after a few batched power steps: each is a lower
+    bound on lambda_max of its Hermitian G (seeded start, the same for every matrix)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((g.shape[-1], 1), generator=gen, dtype=torch.float64).to(device=g.device, dtype=g.dtype)
+    x = x.expand(g.shape[0], -1, -1)
+    for _ in range(steps):
+        x = g @ x
+        x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_min(1e-300)
+    return (x.mH @ (g @ x)).real.reshape(-1).clamp_min(0.0)
+
+
+def _gram_iteration_bound(mats: torch.Tensor) -> float:
+    """Certified max over a batch of sigma_max by Gram iteration (the fallback).
+
+    Delattre, Barthélemy, Araujo, Allauzen, "Efficient Bound of Lipschitz Constant for
+    Convolutional Layers by Gram Iteration", ICML 2023. With G_0 = W and G_{t+1} = G_tᴴ G_t,
+    sigma_max(W) = sigma_max(G_t)^(1/2^t) <= ||G_t||_F^(1/2^t); each G_t is renormalised to
+    unit Frobenius norm and the scale kept as a log.
+    """
+    h = mats
+    log_scale = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
+    bound = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
+    for t in range(GRAM_MAX_STEPS + 1):
+        f = torch.linalg.matrix_norm(h, "fro").real.to(torch.float64).clamp_min(1e-300)
+        h = h / f.to(h.dtype)[:, None, None]
+        log_scale = log_scale + torch.log(f)
+        bound = torch.exp(log_scale / 2**t)
+        if t < GRAM_MAX_STEPS:
+            h = h.mH @ h
+            log_scale = log_scale * 2
+    return float(bound.max()) if bound.numel() else 0.0
+
+
+def gram_upper_bound(weight: torch.Tensor, estimate: float = 0.0) -> Certificate:
+    """Certified sigma_max of a matrix (or the max over a batch of them).
+
+    ``estimate`` (a lower bound, e.g. the Lanczos or power estimate) is the first candidate
+    bound tried; see ``SigmaMaxBound`` for how a candidate is proven.
+    """
+    w = weight.detach().to(dtype=torch.float64)
+    if w.numel() == 0:  # before the reshape: -1 is ambiguous for 0 elements
+        return Certificate(0.0, "cholesky")
+    w = matrix_batch(w)
+    if not bool(torch.isfinite(w).all()):
+        return Certificate(math.nan, "cholesky")
+    acc = SigmaMaxBound(estimate)
+    acc.add(w)
+    return Certificate(acc.value(), "cholesky")
+
+
+# --------------------------------------------------------------------------- convolutions
+
+
+def conv_fft_upper_bound(
+    weight: torch.Tensor, grid: Sequence[int], dilation: Sequence[int], groups: int,
+    estimate: float = 0.0,
+) -> Certificate:
+    """Exact norm of the circular convolution on ``grid`` with this kernel (certified).
+
+    Sedghi, Gupta, Long, "The Singular Values of Convolutional Layers", ICLR 2019:
+    a circular convolution is block-diagonalised by the DFT, so its norm is the
+    max over frequencies w of sigma_max(A(w)), A(w) = sum_t K_t exp(-i w.p_t) the (out x in)
+    matrix of kernel DFTs (K_t the tap at offset p_t). A zero-padded (strided) convolution
+    whose padded input fits in ``grid`` without any tap wrapping around is that circular
+    convolution restricted to an embedded input and followed by a selection of outputs, so
+    this bounds it. ``weight`` is (rows, cols/groups, *kernel); groups are blocks of rows.
+
+    Each frequency's Gram matrix is a short sum of the per-offset tap products of
+    ``_tap_pair_grams``, formed in chunks of frequencies (memory stays bounded on large
+    grids). A real kernel's spectrum is conjugate-symmetric: only the half-spectrum is visited.
+    """
+    w = weight.detach().to(dtype=torch.float64)
+    rows, cols_g = w.shape[0], w.shape[1]
+    k = w.shape[2:]
+    d = len(k)
+    if w.numel() == 0:
+        return Certificate(0.0, "fft")
+    if not bool(torch.isfinite(w).all()):
+        return Certificate(math.nan, "fft")
+    scale = float(w.abs().amax())
+    if scale == 0.0:
+        return Certificate(0.0, "fft")
+    taps = list(itertools.product(*[range(n) for n in k]))
+    pos = [tuple(t[i] * dilation[i] for i in range(d)) for t in taps]
+    rows_g = rows // groups
+    # (groups, T, rows_g, cols_g), scaled to max |entry| = 1
+    kern = (w / scale).reshape(groups, rows_g, cols_g, len(taps)).permute(0, 3, 1, 2)
+    if rows_g < cols_g:  # the Gram matrix of the smaller side: A Aᴴ = sum K_t K_t'ᵀ e^(-i w.(p_t - p_t'))
+        kern = kern.transpose(-2, -1)
+        pos = [tuple(-v for v in p) for p in pos]
+    n = kern.shape[-1]
+    deltas, gram_by_offset = _tap_pair_grams(kern, pos)
+    # rounding of the tap products and of the sums over offsets, per Gram entry at most
+    # (rows_g + 2 T^2) u |K|ᵀ|K| summed over pairs: in norm <= that times (sum_t ||K_t||_F)^2
+    tap_fro = torch.linalg.matrix_norm(kern, "fro").sum(dim=1).max()
+    gram_error = 2 * (kern.shape[-2] + 2 * len(taps) ** 2 + 4) * UNIT_ROUNDOFF * float(tap_fro) ** 2
+
+    axes = [torch.arange(g, dtype=torch.float64, device=w.device) for g in grid[:-1]]
+    axes.append(torch.arange(grid[-1] // 2 + 1, dtype=torch.float64, device=w.device))
+    freqs = torch.cartesian_prod(*axes).reshape(-1, d)  # (F, d)
+    inv_n = torch.tensor([1.0 / g for g in grid], dtype=torch.float64, device=w.device)
+    acc = SigmaMaxBound(estimate / scale)
+    chunk = max(1, FREQ_CHUNK_BYTES // (groups * n * n * 16))
+    for start in range(0, freqs.shape[0], chunk):
+        phase = -2.0 * math.pi * freqs[start : start + chunk] @ (deltas * inv_n).T  # (Fc, NΔ)
+        g = torch.complex(torch.cos(phase) @ gram_by_offset, torch.sin(phase) @ gram_by_offset)
+        acc.add_gram(g.reshape(-1, n, n), gram_error)
+    return Certificate(acc.value() * scale, "fft")
+
+
+def _tap_pair_grams(kern: torch.Tensor, pos: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real tap products of A(w)ᴴA(w), summed per tap offset: (offsets (NΔ, d), float64;
+    their summed products (NΔ, groups * n * n)) for ``kern`` (groups, T, m, n) with taps at ``pos``.
+
+    A(w)ᴴA(w) = sum over tap pairs of K_tᵀK_t' exp(-i w.(p_t' - p_t)), so the T(T+1)/2
+    products K_tᵀK_t' are formed once (the pair (t', t) is the transpose of (t, t')) and
+    each frequency's Gram matrix is then the phase-weighted sum of these blocks.
+    """
+    d = len(pos[0])
+    offsets: dict[tuple[int, ...], int] = {}
+    blocks: list[torch.Tensor] = []
+
+    def accumulate(delta: tuple[int, ...], block: torch.Tensor) -> None:
+        if delta in offsets:
+            blocks[offsets[delta]] += block
+        else:
+            offsets[delta] = len(blocks)
+            blocks.append(block.clone())
+
+    for i in range(len(pos)):
+        prods = kern[:, i].transpose(-2, -1).unsqueeze(1) @ kern[:, i:]  # (groups, T-i, n, n)
+        for j in range(i, len(pos)):
+            delta = tuple(pos[j][e] - pos[i][e] for e in range(d))
+            block = prods[:, j - i]
+            accumulate(delta, block)
+            if j != i:
+                accumulate(tuple(-v for v in delta), block.transpose(-2, -1))
+    gram_by_offset = torch.stack(blocks).reshape(len(blocks), -1)  # (NΔ, groups*n*n), real
+    deltas = torch.tensor(list(offsets), dtype=torch.float64, device=kern.device).reshape(-1, d)
+    return deltas, gram_by_offset
+
+
+def polyphase_kernel(weight: torch.Tensor, stride: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """The stride-1 kernel equivalent to a strided, dilated one on phase-split input.
+
+    With tap offset d*t = s*q + r, y[i] = sum_t W_t x[s*i + d*t] = sum_q K'_q x_r[i + q], where
+    x_r[m] = x[s*m + r] are the s**D phases of x stacked as input channels (an isometric
+    rearrangement). Returns K' of shape (rows, cols * prod(s), *q_extent), channel-major.
+    """
+    rows, cols = weight.shape[0], weight.shape[1]
+    k = weight.shape[2:]
+    d = len(k)
+    q_ext = [((k[i] - 1) * dilation[i]) // stride[i] + 1 for i in range(d)]
+    phases = math.prod(stride)
+    out = torch.zeros((rows, cols, phases, *q_ext), dtype=weight.dtype, device=weight.device)
+    for tap in itertools.product(*[range(n) for n in k]):
+        pos = [tap[i] * dilation[i] for i in range(d)]
+        q = [pos[i] // stride[i] for i in range(d)]
+        r = [pos[i] % stride[i] for i in range(d)]
+        r_flat = 0
+        for i in range(d):
+            r_flat = r_flat * stride[i] + r[i]
+        out[(slice(None), slice(None), r_flat, *q)] = weight[(slice(None), slice(None), *tap)]  # type: ignore[index]
+    return out.reshape(rows, cols * phases, *q_ext)
+
+
+def strided_conv_upper_bound(
+    weight: torch.Tensor, lengths: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+    groups: int, estimate: float = 0.0,
+) -> Certificate:
+    """Certified norm of a (strided, dilated, grouped) convolution of an input whose padded
+    length is ``lengths``: the polyphase kernel's circular-convolution norm on a grid large
+    enough that nothing wraps around (tight for strides > 1, unlike bounding the stride-1
+    conv and dropping the subsampling)."""
+    k = weight.shape[2:]
+    d = len(k)
+    if all(s == 1 for s in stride):
+        kernel, dil = weight, list(dilation)
+    else:
+        kernel, dil = polyphase_kernel(weight.to(torch.float64), stride, dilation), [1] * d
+    q_ext = kernel.shape[2:]
+    # Output i reads phase positions i + q <= ceil(L / s) - 1 (every tap of a valid output lies
+    # inside the padded input), so a grid of ceil(L / s) never wraps a non-zero tap around;
+    # the kernel extent is the floor for inputs too short to give any output.
+    grid = [max(-(-lengths[i] // stride[i]), (q_ext[i] - 1) * dil[i] + 1) for i in range(d)]
+    cert = conv_fft_upper_bound(kernel, grid, dil, groups, estimate)
+    return Certificate(cert.value, "fft" if all(s == 1 for s in stride) else "fft-polyphase")
+
+
+def conv_reshape_upper_bound(weight: torch.Tensor, groups: int) -> Certificate:
+    """Input-size-independent bound for a convolution (zero padding, any stride).
+
+    y = sum_t K_t S_t x with T kernel taps and shifts S_t of norm <= 1, so
+    ||A|| <= sqrt(T) * min(||[K_1 ... K_T]||, ||[K_1; ...; K_T]||), per group.
+    """
+    w = weight.detach().to(dtype=torch.float64)
+    rows, cols_g = w.shape[0], w.shape[1]
+    taps = math.prod(w.shape[2:])
+    wg = w.reshape(groups, rows // groups, cols_g, taps)
+    wide = wg.permute(0, 1, 3, 2).reshape(groups, rows // groups, taps * cols_g)
+    tall = wg.permute(0, 3, 1, 2).reshape(groups, taps * (rows // groups), cols_g)
+    best = min(gram_upper_bound(wide).value, gram_upper_bound(tall).value)
+    return Certificate(math.sqrt(taps) * best, "reshape-sqrt-taps")
+
+
+# --------------------------------------------------------------------------- non-negative maps
+
+
+def schur_upper_bound(fn: LinearMap, input_shape: Shape) -> Certificate:
+    """Schur test for a linear map with non-negative entries (pools, pads, slices).
+
+    ||A||_2 <= sqrt(||A||_1 ||A||_inf) = sqrt(max(Aᵀ 1) * max(A 1)); both column and
+    row sums are read off by applying the map and its adjoint to all-ones vectors.
+    """
+    with torch.enable_grad():
+        ones = torch.ones(input_shape, dtype=torch.float64, requires_grad=True)
+        out = fn(ones)
+        (col,) = torch.autograd.grad(out, ones, grad_outputs=torch.ones_like(out))
+    row_max = float(out.detach().abs().max()) if out.numel() else 0.0
+    col_max = float(col.abs().max()) if col.numel() else 0.0
+    return Certificate(math.sqrt(row_max * col_max) * CERT_SAFETY, "schur")

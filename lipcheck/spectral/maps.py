@@ -1,0 +1,102 @@
+"""The linear maps whose norms are taken: convolutions and paddings as functions of their
+input, how many times a padding copies one input, and batches of matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Shape = tuple[int, ...]
+LinearMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+def matrix_batch(w: torch.Tensor) -> torch.Tensor:
+    """A matrix (m, n), or a stack of them (..., m, n), as one batch (B, m, n).
+
+    ``w`` must not be empty: -1 is ambiguous for 0 elements, so callers answer that case first.
+    """
+    if w.ndim == 2:
+        w = w.unsqueeze(0)
+    return w.reshape(-1, w.shape[-2], w.shape[-1])
+
+
+def pad_multiplicity(mode: str, size: int | None, begin: int, end: int) -> int:
+    """Max number of output positions one input position is copied to, along one axis.
+
+    A padding map P has one 1 per row, so PᵀP is diagonal with these counts and
+    ||P|| = sqrt(max count) exactly (product over axes for separable pads).
+    """
+    begin, end = max(begin, 0), max(end, 0)
+    if mode == "constant" or (begin == 0 and end == 0):
+        return 1
+    if size is None:
+        return 1 + begin + end
+    idx = torch.arange(-begin, size + end)
+    if mode == "reflect":
+        period = 2 * (size - 1) if size > 1 else 1
+        src = torch.remainder(idx, period)
+        src = torch.where(src >= size, period - src, src)
+    elif mode == "edge":
+        src = idx.clamp(0, size - 1)
+    elif mode == "wrap":
+        src = torch.remainder(idx, size)
+    else:
+        raise ValueError(f"unknown padding mode {mode!r}")
+    return int(torch.bincount(src, minlength=size).max())
+
+
+TORCH_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def pad_forward(pads: Sequence[tuple[int, int]], mode: str = "constant") -> LinearMap:
+    """Padding of the trailing len(pads) axes, ONNX mode names (constant value 0)."""
+    flat: list[int] = []
+    for b, e in reversed(list(pads)):  # F.pad wants the last axis first
+        flat += [b, e]
+    torch_mode = TORCH_PAD_MODES[mode]
+    if not any(flat):
+        return lambda x: x
+    if torch_mode == "constant":
+        return lambda x: F.pad(x, flat)
+    return lambda x: F.pad(x, flat, mode=torch_mode)
+
+
+def conv_forward(
+    weight: torch.Tensor,
+    *,
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    pads: Sequence[tuple[int, int]],
+    transposed: bool = False,
+    output_padding: Sequence[int] | None = None,
+) -> LinearMap:
+    """The bias-free, zero-padded convolution as a function of its input (batch 1 first),
+    computed in the input's dtype.
+
+    For a transposed conv, ``pads`` crop the full output (ONNX semantics)."""
+    d = weight.ndim - 2
+    if transposed:
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+        opad = tuple(output_padding or [0] * d)
+
+        def apply_t(x: torch.Tensor) -> torch.Tensor:
+            y = conv_t(x, weight.to(device=x.device, dtype=x.dtype), stride=tuple(stride), dilation=tuple(dilation),
+                       groups=groups, output_padding=opad)
+            index = [slice(None), slice(None)] + [
+                slice(b, y.shape[2 + i] - e) for i, (b, e) in enumerate(pads)
+            ]
+            return y[tuple(index)]
+
+        return apply_t
+
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    padder = pad_forward(pads)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        w = weight.to(device=x.device, dtype=x.dtype)
+        return conv(padder(x), w, stride=tuple(stride), dilation=tuple(dilation), groups=groups)
+
+    return apply

@@ -1,0 +1,42 @@
+"""The numerical settings of one run, and the choice of device.
+
+The user-facing defaults and their checks live in :mod:`lipcheck.options`; this is the
+record the numerics receive (a torch dtype, a resolved device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("lanczos", "power")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Numerical settings shared by every estimate of one run."""
+
+    tol: float = 1e-6
+    max_iters: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    method: str = "lanczos"  # or "power", the plain reference method
+
+    def __post_init__(self) -> None:
+        if not (0 < self.tol < 1):
+            raise ValueError(f"tol must be in (0, 1), got {self.tol}")
+        if self.max_iters < 1:
+            raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is refused."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return name
