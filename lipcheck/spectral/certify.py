@@ -124,13 +124,15 @@ class SigmaMaxBound:
         return math.sqrt(self._t + self._margin) * CERT_SAFETY
 
 
-def _rayleigh_lower_bounds(g: torch.Tensor, steps: int = CERT_POWER_STEPS) -> torch.Tensor:
-    """Rayleigh quotients xᴴGx / xᴴx after a few batched power steps: each is a lower
-    bound on lambda_max of its Hermitian G (seeded start, the same for every matrix)."""
+def _rayleigh_lower_bounds(g: torch.Tensor) -> torch.Tensor:
+    """Rayleigh quotients xᴴGx for unit x after CERT_POWER_STEPS batched power steps: each
+    is a lower bound on lambda_max of its Hermitian G (seeded start, the same for every
+    matrix)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((g.shape[-1], 1), generator=gen, dtype=torch.float64).to(device=g.device, dtype=g.dtype)
+    x = torch.randn((g.shape[-1], 1), generator=gen, dtype=torch.float64)
+    x = (x / torch.linalg.vector_norm(x)).to(device=g.device, dtype=g.dtype)  # unit, even after 0 steps
     x = x.expand(g.shape[0], -1, -1)
-    for _ in range(steps):
+    for _ in range(CERT_POWER_STEPS):
         x = g @ x
         x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_min(1e-300)
     return (x.mH @ (g @ x)).real.reshape(-1).clamp_min(0.0)
