@@ -16,7 +16,9 @@ from ..graph import Graph, Node
 from ..report import LayerRow
 from ..spectral import Settings
 
-CombineKind = str  # "sum" (Add: L_a + L_b) or "l2" (Concat: sqrt(L_a² + L_b²))
+# "sum" (Add: L_a + L_b), "l2" (sqrt(L_a² + L_b²)) or "concat" (the output is the inputs side
+# by side: l2, or their max where they read disjoint parts of one value; see lipcheck.bound)
+CombineKind = str
 
 
 @dataclass

@@ -179,8 +179,10 @@ def elementwise_max(ctx: Context, node: Node, data: list[int]) -> Outcome:
 
 @rule("Concat")
 def concat(ctx: Context, node: Node, data: list[int]) -> Outcome:
-    """L(concat(a, b)) <= sqrt(L_a^2 + L_b^2)."""
-    out = Outcome(factors={i: 1.0 for i in data}, combine="l2")
+    """L(concat(a, b)) <= sqrt(L_a^2 + L_b^2), and max(L_a, L_b) when a and b are functions
+    of disjoint parts of one value (a channel split, then concat): ``combine="concat"`` lets
+    the composition find out which (lipcheck.bound, "disjoint parts")."""
+    out = Outcome(factors={i: 1.0 for i in data}, combine="concat")
     if len(data) > 1:
         out.row = LayerRow(name=node.name, op=node.op, kind="combine",
                            note="L = sqrt of the sum of squared input bounds")
