@@ -233,3 +233,16 @@ def test_erf_gelu_with_the_half_on_x_and_a_multiplied_erf_argument(tmp_path: Pat
         x = torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
         jac = torch.autograd.functional.jacobian(f, x)
         assert float(torch.linalg.matrix_norm(jac, 2)) <= report.network.lipschitz_bound
+
+
+def test_resize_of_an_empty_tensor_is_the_zero_map(tmp_path: Path) -> None:
+    """A zero-size dim used to divide by zero in the Resize rule (exit 3)."""
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="nearest")]
+    graph = helper.make_graph(
+        nodes, "resize", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 0, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([1.0, 1.0, 2.0], dtype=np.float32), "scales")])
+    path = tmp_path / "resize.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    report = lipcheck.analyze(path)
+    assert report.network.bounded and report.network.lipschitz_bound == 0.0

@@ -164,6 +164,8 @@ def resize(ctx: Context, node: Node, data: list[int]) -> Outcome:
     a, b = ctx.graph.known_shape(node.inputs[0]), ctx.graph.known_shape(node.outputs[0])
     if a is None or b is None:
         return unbounded(f"{node.op}: shapes unknown")
+    if math.prod(a) == 0:
+        return Outcome(factors={0: 0.0})  # a map from an empty tensor is the zero map
     mult = 1
     for x, y in zip(a, b):
         scale = y / x
