@@ -68,7 +68,11 @@ def test_hard_linked_external_data_needs_trust(tmp_path: Path, capsys: pytest.Ca
     out_model = tmp_path / "out.onnx"
     code = run(["normalize", str(path), "-o", str(out_model), "--no-progress"])
     _, err = capsys.readouterr()
-    assert code == 2 and "hard links" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "hard links" in err and "'m.onnx.data'" in err and len(err.strip().splitlines()) == 1
     assert not out_model.exists() and not (tmp_path / "out.onnx.data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "other-name"]
     code, out, _ = _inspect(path, capsys, "--trust")
     assert code == 0 and out.startswith("{")
+    code = run(["normalize", str(path), "-o", str(out_model), "--no-progress", "--trust"])
+    capsys.readouterr()
+    assert code == 0 and out_model.exists() and (tmp_path / "out.onnx.data").exists()
