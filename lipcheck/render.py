@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,9 @@ def shorten(name: str, width: int) -> str:
 
 
 COLUMNS = ("layer", "op", "input", "sigma est", "sigma_mat", "sigma_up", "iters", "bound")
+# Room a layer name gets before a column is given up for it: module paths up to this long
+# read whole (``encoder.layers.11.self_attn.out_proj``, ``model.layers.31.self_attn.o_proj``).
+NAME_ROOM = 36
 
 
 def _cells(doc: dict[str, Any]) -> list[list[str]]:
@@ -71,15 +75,21 @@ def table(doc: dict[str, Any], max_width: int | None = None, title: bool = True)
               title_justify="left")
     name_width = None
     if max_width is not None:
-        # Each column takes its widest cell plus padding and a border. On a narrow terminal
-        # the least needed columns go first, so that no number is ever cut short.
+        # Each column takes its widest cell plus padding and a border (the first one also the
+        # table's left edge). On a narrow terminal the least needed columns go first, until
+        # the names get the room they need (up to NAME_ROOM), so that no number is ever cut
+        # short and the layer column stays; names still too long lose their middle.
         def width(c: int) -> int:
             return max([len(COLUMNS[c])] + [len(row[c]) for row in cells]) + 3
 
-        for drop in (2, 4, 6):  # input, sigma_mat, iters
-            if drop in keep and sum(width(c) for c in keep[1:]) + 16 > max_width:
+        def room() -> int:
+            return max_width - sum(width(c) for c in keep[1:]) - 4
+
+        wanted = min(max((len(row[0]) for row in cells), default=0), NAME_ROOM)
+        for drop in (2, 6, 4):  # input, iters, sigma_mat
+            if drop in keep and room() < wanted:
                 keep.remove(drop)
-        name_width = max(12, max_width - sum(width(c) for c in keep[1:]) - 4)
+        name_width = max(12, room())
     for c in keep:
         t.add_column(COLUMNS[c], justify="left" if c < 3 else "right", no_wrap=True,
                      min_width=min(12, name_width or 12) if c == 0 else None)
@@ -114,11 +124,17 @@ def summary(doc: dict[str, Any]) -> Text:
     return text
 
 
+PIPE_WIDTH = 140
+
+
 def make_console(file: object | None = None) -> Console:
-    """A terminal keeps its own width; a pipe or file gets a fixed 140 columns."""
+    """A terminal keeps its own width; a pipe or file gets $COLUMNS when it is set (as rich
+    does for a terminal), else a fixed 140 columns."""
     if file is None and Console().is_terminal:
         return Console()
-    return Console(file=file, width=140)  # type: ignore[arg-type]
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
+    return Console(file=file, width=width)  # type: ignore[arg-type]
 
 
 def report_renderables(doc: dict[str, Any]) -> list[Any]:
@@ -153,7 +169,7 @@ def normalize_table(result: Any) -> Table:
     for c in result.changes:
         status = "ok" if c.ok else ("FAIL" if c.ok is False else (c.skipped or ""))
         t.add_row(escape(c.name), escape(c.op), fmt(c.before), fmt(c.target), fmt(c.scale), fmt(c.after_sigma),
-                  fmt(c.after_upper), status)
+                  fmt(c.after_upper), escape(status))
     return t
 
 
@@ -180,8 +196,8 @@ def check_table(results: list[Any]) -> Table:
     for col in ("model", "rule", "result", "value", "limit", "detail"):
         t.add_column(col, overflow="fold")
     for r in results:
-        t.add_row(escape(r.model), r.rule, "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", fmt(r.value),
-                  fmt(r.limit), r.message)
+        t.add_row(escape(r.model), escape(r.rule), "[green]pass[/]" if r.passed else "[bold red]FAIL[/]",
+                  fmt(r.value), fmt(r.limit), escape(r.message))
     return t
 
 

@@ -1,51 +1,93 @@
-"""Rich markup in file names and titles is shown literally, never read as a style."""
+"""The inspect table at a fixed terminal width (80 and 200 columns): the layer column always
+stays, long module paths lose their middle, numbers are never cut; rich markup in file names,
+titles, layer names and gate messages is shown literally, never read as a style."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from conftest import SAMPLES, Cli
+from onnx import TensorProto, helper, numpy_helper
 
-from lipcheck.cli import run
-
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-
-
-def test_brackets_in_file_name_and_format_tag_survive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = tmp_path / "m[bold].onnx"
-    shutil.copy(SAMPLES / "mlp.onnx", model)
-    assert run(["inspect", str(model), "--no-progress"]) == 0
-    out, _ = capsys.readouterr()
-    assert "m[bold].onnx" in out and "[onnx]" in out
+LONG = "encoder.layers.11.self_attn.out_proj"  # 36 characters
+LONGER = "model.encoder.layers.11.self_attention.output.dense"  # 51
+BRACKETS = "blocks.2.mlp[fc]"
+NAMES = [LONG, LONGER, BRACKETS, "head"]
 
 
-def _doc() -> dict[str, object]:
-    layer = {"name": "encoder.layers.11.self_attn.out_proj", "op": "Gemm", "kind": "linear",
-             "input_shape": [1, 3, 224, 224], "sigma": 1.23456, "sigma_matrix": None, "sigma_upper": 1.23457,
-             "iterations": 20, "converged": True, "bound": 12.3456}
-    return {"model": {"path": "m.onnx", "format": "onnx"}, "layers": [layer, {**layer, "name": "fc"}]}
+def gemm_chain(path: Path, names: list[str]) -> Path:
+    """A chain of 8x8 Gemms whose weights are named ``<name>.weight`` (rows are named by them)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i, name in enumerate(names):
+        inits.append(numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"{name}.weight"))
+        nodes.append(helper.make_node("Gemm", [x, f"{name}.weight"], [f"h{i}"], transB=1))
+        x = f"h{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The body rows of the rendered table, by their first cell."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            rows[cells[0]] = cells
+    return rows
 
 
 @pytest.mark.parametrize("width", [80, 200])
-def test_layer_column_stays_at_any_width(width: int) -> None:
-    import io
-
-    from rich.console import Console
-
-    from lipcheck.render import LayerTable
-
-    buf = io.StringIO()
-    Console(file=buf, width=width).print(LayerTable(_doc()))
-    text = buf.getvalue()
-    assert max(len(line) for line in text.splitlines()) <= width
-    assert "layer" in text and "fc" in text
-    for number in ("1.23456", "1.23457", "12.3456"):  # numbers are never cut
-        assert number in text
+def test_inspect_table_at_a_fixed_width(width: int, tmp_path: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a short path: the title is one line
+    model = gemm_chain(Path("model[onnx].onnx"), NAMES)
+    code, out, _ = cli("inspect", model, "--no-progress", "-f", "json")
+    assert code == 0
+    doc = json.loads(out)
+    monkeypatch.setenv("COLUMNS", str(width))  # a pipe takes $COLUMNS, as a terminal would
+    code, out, err = cli("inspect", model, "--no-progress")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == "lipcheck: model[onnx].onnx  [onnx]"  # markup in the path and the tag, literal
+    table = [line for line in lines if line[:1] in "┏┃┡│└"]
+    assert all(len(line) <= width for line in table)
+    assert table[1].split("┃")[1].strip() == "layer"
+    rows = table_rows(out)
+    assert len(rows) == len(NAMES)
+    for r in doc["layers"]:  # every number in full: sigma est, sigma_up, bound
+        cells = next(cells for cells in rows.values() if cells[-1] == f"{r['bound']:.6g}")
+        assert f"{r['sigma']:.6g}" in cells and f"{r['sigma_upper']:.6g}" in cells
+    shown = set(rows)
+    assert {LONG, BRACKETS, "head"} <= shown  # at 80 columns too: a column gave way for them
     if width == 200:
-        assert "encoder.layers.11.self_attn.out_proj" in text
+        assert LONGER in shown and "iters" in table[1]
     else:
-        assert "encoder.layers.11.self_attn.out_proj" in text or "…" in text
+        (short,) = shown - {LONG, BRACKETS, "head"}
+        assert len(short) == len(LONG) and short.count("…") == 1
+        head, tail = short.split("…")
+        assert LONGER.startswith(head) and LONGER.endswith(tail) and len(head) >= 15 and len(tail) >= 15
+        assert "iters" not in table[1]
+
+
+def test_markup_in_gate_messages_is_literal(tmp_path: Path, cli: Cli) -> None:
+    model = gemm_chain(tmp_path / "m[red].onnx", [BRACKETS])
+    code, out, _ = cli("check", model, "--max-layer-sigma", "0.1", "--no-progress")
+    assert code == 1
+    assert "m[red].onnx" in out and f"layer {BRACKETS}: sigma" in " ".join(out.split())
+
+
+def test_brackets_in_file_name_and_format_tag_survive(tmp_path: Path, cli: Cli) -> None:
+    model = tmp_path / "m[bold].onnx"
+    shutil.copy(SAMPLES / "mlp.onnx", model)
+    code, out, _ = cli("inspect", model, "--no-progress")
+    assert code == 0 and "m[bold].onnx" in out and "[onnx]" in out
 
 
 def test_shorten_keeps_both_ends() -> None:
