@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from typer._click import exceptions as click_exceptions
+from typer.core import TyperArgument, TyperCommand
 
 from . import __version__
 from .errors import EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, LipcheckError, UsageError
@@ -22,11 +23,43 @@ from .options import DEFAULTS, Options
 app = typer.Typer(
     name="lipcheck",
     help="Per-layer spectral norms and a certified Lipschitz bound for PyTorch and ONNX models.",
+    epilog="Exit codes: 0 ok; 1 a gate failed; 2 bad usage (lipcheck without a command prints this help "
+           "on stderr and exits 2, as click does) or an unreadable, invalid or untrusted input; "
+           "3 internal error.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+class Command(TyperCommand):
+    """A command whose help names its arguments as click does (``MODEL...``, ``A B``),
+    without typer's type labels (``{MODEL}...``, ``MODEL <list[Path]>``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [_argument_label(p, usage=True) for p in self.get_params(ctx) if isinstance(p, TyperArgument)]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                if not param.hidden:
+                    arguments.append((_argument_label(param), param.help or ""))
+            elif (record := param.get_help_record(ctx)) is not None:
+                options.append(record)
+        for title, records in (("Arguments", arguments), ("Options", options)):
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+def _argument_label(param: TyperArgument, usage: bool = False) -> str:
+    label = param.metavar or (param.name or "").upper()
+    if param.nargs != 1:
+        label += "..."
+    return f"[{label}]" if usage and not param.required else label
 
 
 class OutputFormat(str, enum.Enum):
@@ -58,16 +91,16 @@ class DType(str, enum.Enum):
 MODEL_KINDS = ".onnx, TorchScript, torch.save checkpoint or state_dict, .pt2, .safetensors, or a Hugging Face model folder (or its index .json)"
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help=f"Model: {MODEL_KINDS}.", show_default=False)]
 ModelsArg = Annotated[list[Path], typer.Argument(metavar="MODEL", help=f"Models, each a {MODEL_KINDS}.", show_default=False)]
-InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W", help="Input size, batch first, e.g. 1,3,224,224. ONNX: replaces the model's own input size. TorchScript (with --trust), pickled modules and .pt2: the model is traced at this size. state_dicts and safetensors need --model to give the network; model folders do not use it.")]
+InputShapeOpt = Annotated[str | None, typer.Option("--input-shape", metavar="N,C,H,W", help="Input size, batch first, e.g. 1,3,224,224 (a convolution's norm depends on it). ONNX: overrides the input size stored in the model. TorchScript: the model is traced at this size, which runs its code, so needs --trust (without --input-shape only its weights are read). Pickled modules (--trust) and .pt2: traced at this size (a .pt2 otherwise at the size it was exported with). state_dicts and safetensors files hold no network: they need --model. Not accepted for model folders.")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write the report to FILE instead of stdout.")]
-TolOpt = Annotated[float, typer.Option("--tol", help="Relative accuracy an estimate stops at: Lanczos by its residual test, power iteration when sigma changes by less than this between steps.")]
-MaxItersOpt = Annotated[int, typer.Option("--max-iters", help="An estimate stops after this many steps (reported as not converged).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the start vectors (results are reproducible).")]
+TolOpt = Annotated[float, typer.Option("--tol", metavar="FLOAT", help="Relative accuracy an estimate stops at: Lanczos by its residual test, power iteration when sigma changes by less than this between steps.")]
+MaxItersOpt = Annotated[int, typer.Option("--max-iters", metavar="N", help="An estimate stops after this many steps (reported as not converged).")]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the start vectors (results are reproducible).")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto takes the GPU when torch sees one.")]
 MethodOpt = Annotated[Method, typer.Option("--method", help="lanczos (Krylov, fewer iterations) or power (plain power iteration, the reference).")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Precision of the estimates (certified bounds always use float64).")]
-TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow what runs code from the file: unpickling modules, .pt2 archives, tracing or rewriting TorchScript. Only for files you trust.")]
+TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow what runs code from the file: unpickling modules, .pt2 archives, tracing or rewriting TorchScript, importing --model. Only for files you trust.")]
 ArchOpt = Annotated[str | None, typer.Option("--model", metavar="PACKAGE.MODULE:FACTORY", help="For a state_dict or safetensors file: the code that builds its network (package.module:factory or file.py:factory, called without arguments). The weights are loaded strictly and the network traced at --input-shape. Runs that code, so needs --trust.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (shown only on a terminal).")]
 
@@ -82,7 +115,7 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
 ) -> None:
-    """Exit codes: 0 ok, 1 a gate failed, 2 bad usage or unreadable/invalid input, 3 internal error."""
+    """The options of ``lipcheck`` itself; the exit codes are in the app's epilog."""
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -104,9 +137,7 @@ def write_output(text: str, output: Path | None, model: Path | list[Path]) -> No
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    for m in model if isinstance(model, list) else [model]:
-        if output.exists() and m.exists() and os.path.samefile(output, m):
-            raise UsageError(f"refusing to write the report over the model file {output}")
+    _check_report_path(output, model if isinstance(model, list) else [model])
     from .files import atomic_write
 
     atomic_write(output, text.encode("utf-8"))
@@ -118,8 +149,13 @@ def _html() -> Any:
     return html_report
 
 
-def _exists(*paths: Path) -> None:
-    """A missing input is reported before torch is imported (which takes seconds)."""
+# --------------------------------------------------------------------------- checks
+# Everything the command line can tell from its arguments alone is checked before torch,
+# onnx or rich are imported: importing torch takes seconds, a typo should not.
+
+
+def _check_inputs(*paths: Path) -> None:
+    """Each input exists (click's Path type has refused an unreadable one already)."""
     from .errors import InputError
 
     for path in paths:
@@ -127,11 +163,58 @@ def _exists(*paths: Path) -> None:
             raise InputError(f"{path} does not exist")
 
 
+def _check_report_path(output: Path | None, inputs: list[Path]) -> None:
+    """A report (``-o``) goes into an existing folder and never over an input."""
+    if output is None:
+        return
+    for path in inputs:
+        if output.exists() and path.exists() and os.path.samefile(output, path):
+            raise UsageError(f"refusing to write the report over the model file {output}")
+    if output.is_dir():
+        raise UsageError(f"cannot write {output}: it is a directory")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
+
+
+def _check_positive(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def _check_normalize_output(source: Path, output: Path, *, in_place: bool, force: bool) -> None:
+    """The checks lipcheck.normalization.check_output_path makes again once torch is loaded."""
+    same = output.exists() and os.path.samefile(source, output)
+    if same and not in_place:
+        raise UsageError(f"refusing to overwrite the input {source}; pass --in-place to do that")
+    if output.exists() and not same and not force:
+        raise UsageError(f"{output} exists; pass --force to replace it")
+    if output.is_dir():
+        raise UsageError(f"{output} is a directory")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
+
+
+def _check_architecture(spec: str | None) -> None:
+    """``--model``'s form and its file (lipcheck.architecture.build checks the same after
+    importing torch; --trust is asked for there, once the input is known to need --model)."""
+    if spec is None:
+        return
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UsageError(f"--model must look like package.module:factory or file.py:factory, got '{spec}'")
+    if target.endswith(".py") and not Path(target).is_file():
+        raise UsageError(f"--model: {target} is not a file")
+
+
 def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_iters: int, seed: int,
                  device: Device, dtype: DType, method: Method, trust: bool, progress: bool,
                  architecture: str | None = None) -> list[dict]:
     shape = parse_shape(input_shape)
-    _exists(*models)
+    _check_inputs(*models)
+    _check_architecture(architecture)
     Options(tol, max_iters, seed, device.value, dtype.value, method.value)  # checked before torch loads
     from .pipeline import make_settings, run_analysis
     from .render import progress_bar
@@ -163,7 +246,7 @@ def _emit(text: str | None, table: object, output: Path | None, models: list[Pat
         write_output(buffer.getvalue(), output, models)
 
 
-@app.command()
+@app.command(cls=Command)
 def inspect(
     models: ModelsArg,
     input_shape: InputShapeOpt = None,
@@ -182,6 +265,7 @@ def inspect(
     """Per-layer spectral norms and the network's Lipschitz bound."""
     from . import writers
 
+    _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
                         architecture)
     if format is OutputFormat.table:
@@ -202,15 +286,15 @@ def inspect(
     return EXIT_OK
 
 
-@app.command()
+@app.command(cls=Command)
 def check(
     models: ModelsArg,
-    max_lipschitz: Annotated[float | None, typer.Option("--max-lipschitz", help="Fail when the network bound is above this (or there is none).")] = None,
-    max_layer_sigma: Annotated[float | None, typer.Option("--max-layer-sigma", help="Fail when any layer's sigma is above this.")] = None,
-    baseline: Annotated[Path | None, typer.Option("--baseline", help="An earlier `inspect --format json` report to compare against.")] = None,
-    max_increase: Annotated[str, typer.Option("--max-increase", help="With --baseline: allowed growth of the bound and of each layer, e.g. 10%.")] = "0%",
+    max_lipschitz: Annotated[float | None, typer.Option("--max-lipschitz", metavar="L", help="Fail when the network bound is above this (or there is none).")] = None,
+    max_layer_sigma: Annotated[float | None, typer.Option("--max-layer-sigma", metavar="SIGMA", help="Fail when any layer's sigma is above this.")] = None,
+    baseline: Annotated[Path | None, typer.Option("--baseline", metavar="REPORT", help="An earlier `inspect --format json` report to compare against.")] = None,
+    max_increase: Annotated[str, typer.Option("--max-increase", metavar="PCT", help="With --baseline: allowed growth of the bound and of each layer, e.g. 10%.")] = "0%",
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="With --baseline: compare the layers found on both sides by name and pass when some are on one side only (by default such a layer fails the gate).")] = False,
-    bound: Annotated[str, typer.Option("--bound", help="certified (upper bounds, the default) or estimate (power iteration, lower bounds).")] = "certified",
+    bound: Annotated[str, typer.Option("--bound", metavar="certified|estimate", help="certified (upper bounds, the default) or estimate (power iteration, lower bounds).")] = "certified",
     input_shape: InputShapeOpt = None,
     format: FormatOpt = OutputFormat.table,
     output: OutputOpt = None,
@@ -229,14 +313,13 @@ def check(
 
     if max_lipschitz is None and max_layer_sigma is None and baseline is None:
         raise UsageError("check needs at least one rule: --max-lipschitz, --max-layer-sigma or --baseline")
-    for name, value in (("--max-lipschitz", max_lipschitz), ("--max-layer-sigma", max_layer_sigma)):
-        if value is not None and not value > 0:
-            raise UsageError(f"{name} must be a positive number, got {value}")
+    _check_positive(max_lipschitz=max_lipschitz, max_layer_sigma=max_layer_sigma)
     if bound not in ("certified", "estimate"):
         raise UsageError(f"--bound must be certified or estimate, got '{bound}'")
     increase = gate.parse_increase(max_increase)
     if baseline is not None and not baseline.is_file():
         raise UsageError(f"--baseline {baseline} does not exist")
+    _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
                         architecture)
     results = []
@@ -290,7 +373,7 @@ def _report_or_model(path: Path, shape: str | None, tol: float, max_iters: int, 
     return _analyze_all([path], shape, tol, max_iters, seed, device, dtype, method, trust, progress)[0]
 
 
-@app.command()
+@app.command(cls=Command)
 def diff(
     a: Annotated[Path, typer.Argument(help="A report (inspect --format json) or a model.", show_default=False)],
     b: Annotated[Path, typer.Argument(help="A report or a model to compare with A.", show_default=False)],
@@ -311,7 +394,10 @@ def diff(
     from .diff import diff as compute_diff
     from .report import json_safe
 
-    _exists(a, b)
+    _check_inputs(a, b)
+    parse_shape(input_shape)
+    Options(tol, max_iters, seed, device.value, dtype.value, method.value)
+    _check_report_path(output, [a, b])
     docs = [_report_or_model(p, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress) for p in (a, b)]
     result = compute_diff(docs[0], docs[1])
     if input_shape is None and not any(_is_report(p) for p in (a, b)):
@@ -342,7 +428,7 @@ def diff(
     return EXIT_OK
 
 
-@app.command()
+@app.command(cls=Command)
 def schema() -> int:
     """Print the JSON Schema of lipcheck's JSON reports."""
     from importlib.resources import files
@@ -356,19 +442,19 @@ class Mode(str, enum.Enum):
     parametrize = "parametrize"
 
 
-@app.command()
+@app.command(cls=Command)
 def normalize(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the normalized model (same format as the input).", show_default=False)],
-    target: Annotated[float | None, typer.Option("--target", help="Spectral norm each selected layer gets (default 1.0; with --budget, at most this).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="Where to write the normalized model (same format as the input).", show_default=False)],
+    target: Annotated[float | None, typer.Option("--target", metavar="T", help="Spectral norm each selected layer gets (default 1.0; with --budget, at most this).")] = None,
     clip: Annotated[bool, typer.Option("--clip", help="Only rescale layers above the target; the others stay bit-identical.")] = False,
-    budget: Annotated[float | None, typer.Option("--budget", help="Pick one per-layer target so the network bound is at most this.")] = None,
-    mode: Annotated[Mode, typer.Option("--mode", help="bake: rescale the weights themselves, same format as the input. parametrize: register torch's spectral_norm plus a fixed lipcheck Scale on each Linear/Conv and write a torch.save file {format, layers, state_dict} that lipcheck.parametrize.load puts back into the same architecture.")] = Mode.bake,
-    layers: Annotated[list[str] | None, typer.Option("--layers", help="Only layers whose name matches this glob (repeatable).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip layers whose name matches this glob (repeatable).")] = None,
+    budget: Annotated[float | None, typer.Option("--budget", metavar="L", help="Pick one per-layer target so the network bound is at most this.")] = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="bake: rescale the weights themselves and write the same format as the input. parametrize (a pickled module with --trust, or an ONNX model onnx2torch converts): register torch's parametrizations.spectral_norm, then a fixed lipcheck.parametrize.Scale, on the weight of each rescaled Linear/Conv, and write torch.save({format, layers, state_dict}): the weights and which modules carry the parametrizations, not a pickled module. lipcheck.parametrize.load(model, FILE) puts them into a fresh instance of the same architecture.")] = Mode.bake,
+    layers: Annotated[list[str] | None, typer.Option("--layers", metavar="GLOB", help="Only layers whose name matches this glob (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Skip layers whose name matches this glob (repeatable).")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow the output to be the input file.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
-    report: Annotated[Path | None, typer.Option("--report", help="Write the before/after comparison as JSON.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", metavar="FILE", help="Write the before/after comparison as JSON.")] = None,
     input_shape: InputShapeOpt = None,
     tol: TolOpt = DEFAULTS.tol,
     max_iters: MaxItersOpt = DEFAULTS.max_iters,
@@ -382,15 +468,19 @@ def normalize(
 ) -> int:
     """Rewrite a model with spectrally normalized layers, then re-inspect it to prove it."""
     shape = parse_shape(input_shape)
-    _exists(model)
+    _check_inputs(model)
+    _check_positive(target=target, budget=budget)
+    _check_architecture(architecture)
+    _check_normalize_output(model, output, in_place=in_place, force=force)
+    if report is not None:
+        check_report_path(report, model, output)
+        _check_report_path(report, [model])
     Options(tol, max_iters, seed, device.value, dtype.value, method.value)  # checked before torch loads
     from .normalization import normalize as run_normalize
     from .pipeline import make_settings
     from .render import make_console, normalize_summary, normalize_table, progress_bar
 
     settings = make_settings(Options(tol, max_iters, seed, device.value, dtype.value, method.value))
-    if report is not None:
-        check_report_path(report, model, output)
     with progress_bar(progress and sys.stderr.isatty()) as callback:
         result = run_normalize(model, output, target=target, clip=clip, budget=budget, layers=layers,
                                exclude=exclude, in_place=in_place, force=force, input_shape=shape,
@@ -427,9 +517,10 @@ def run(argv: list[str] | None = None) -> int:
         print("lipcheck: aborted", file=sys.stderr)
         return 130
     except click_exceptions.NoArgsIsHelpError as exc:
-        # Bare `lipcheck` (or a group without a command): the help, as --help shows it.
-        sys.stdout.write(exc.format_message().rstrip("\n") + "\n")
-        return EXIT_OK
+        # Bare `lipcheck`: the whole help, as --help shows it, but as click answers a command
+        # line without a command: on stderr, exit 2 (stdout stays for data).
+        sys.stderr.write(exc.format_message().rstrip("\n") + "\n")
+        return UsageError.exit_code
     except click_exceptions.ClickException as exc:
         print(f"lipcheck: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
         return UsageError.exit_code

@@ -1,8 +1,10 @@
 """The parametrization ``lipcheck normalize --mode parametrize`` registers after torch's own
 spectral_norm, so training can continue with spectral normalization.
 
-A file written in this mode unpickles this class: ``import lipcheck.parametrize`` (or have
-lipcheck installed) before ``torch.load(path, weights_only=False)``.
+A file written in this mode holds ``{"format": "lipcheck-parametrized", "layers": {module
+path: Scale factor}, "state_dict": ...}``: tensors only, so ``torch.load(path,
+weights_only=True)`` reads it without lipcheck. :func:`load` puts it back into a fresh
+instance of the same architecture, parametrizations included.
 """
 
 from __future__ import annotations
