@@ -23,6 +23,7 @@ import torch
 from ..errors import InputError
 from ..names import natural_key
 from . import Kind, Loaded
+from .safetensors_format import no_duplicate_keys
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
@@ -95,18 +96,9 @@ def _open_shard(path: Path) -> Mapping[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items()}
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"tensor '{key}' is listed twice")
-        out[key] = value
-    return out
-
-
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+        doc = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{index} is not a readable index: {exc}") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None

@@ -100,7 +100,7 @@ def _read_header(fh: Any, size: int, path: Path) -> tuple[int, dict[str, Any]]:
         raise InputError(f"{path}: safetensors header length {n} is beyond the file's {size} bytes")
     text = fh.read(n)
     try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{path}: safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -113,7 +113,9 @@ def _read_header(fh: Any, size: int, path: Path) -> tuple[int, dict[str, Any]]:
     return n, header
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a JSON object naming one key twice is refused (a header or an
+    index that lists a tensor twice), not silently reduced to its last entry."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
