@@ -154,7 +154,7 @@ def _network(graph: Graph, cert: dict[str, float], est: dict[str, float],
     if math.isfinite(l_cert):
         return NetworkResult(
             lipschitz_bound=l_cert, lipschitz_estimate=l_est, bounded=True, certified=True,
-            reason="certified: composed from per-layer upper bounds",
+            reason="certified: composed from per-layer upper bounds", composition="graph-product",
         )
     relevant = [r for r in reasons] or ["an op on the path to the output has no finite bound"]
     reason = "; ".join(relevant[:3]) + (f"; and {len(relevant) - 3} more" if len(relevant) > 3 else "")

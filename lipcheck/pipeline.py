@@ -98,6 +98,8 @@ def _estimates_within_certificates(rows: list[Any]) -> None:
                     "shown as the certificate")
             row.note = f"{row.note}; {text}" if row.note else text
             row.sigma = row.sigma_upper
+        if row.sigma_upper is not None and row.upper_kind is None:
+            row.upper_kind = "certified"
 
 
 def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,

@@ -29,6 +29,10 @@ class LayerRow:
     stable_rank  ||W||_F^2 / sigma^2
     block, role  for transformer checkpoints: the block index and what the matrix is
                  (q, k, v, o, qkv, gate, up, down, gate_up, router, embed, lm_head)
+    upper_kind   "certified" (sigma_upper holds whatever the spectrum) or "probabilistic"
+                 (it holds except with probability at most failure_probability, over the
+                 random start of the Krylov run); null when there is no upper bound
+    failure_probability  for a probabilistic upper bound: the probability it fails
     """
 
     name: str
@@ -49,6 +53,8 @@ class LayerRow:
     stable_rank: float | None = None
     block: int | None = None
     role: str | None = None
+    upper_kind: str | None = None
+    failure_probability: float | None = None
 
 
 @dataclass
@@ -60,11 +66,28 @@ class SkippedOp:
 
 @dataclass
 class NetworkResult:
+    """The whole network's constant.
+
+    lipschitz_bound     upper bound on the network's Lipschitz constant (null: unbounded)
+    lipschitz_estimate  the same composition of the per-op estimates (not a bound)
+    certified           the bound holds deterministically; false with a probabilistic bound
+                        or none
+    composition         how the bound was composed from the per-op constants
+    failure_probability for a bound built on probabilistic per-op bounds: at most the sum of
+                        theirs (null: deterministic)
+    lipschitz_lower     a true lower bound: the norm of a Jacobian found at a real input
+    domain              the input domain a local bound holds on (null: global)
+    """
+
     lipschitz_bound: float | None
     lipschitz_estimate: float | None
     bounded: bool
     certified: bool
     reason: str
+    composition: str | None = None
+    failure_probability: float | None = None
+    lipschitz_lower: float | None = None
+    domain: str | None = None
 
 
 @dataclass
