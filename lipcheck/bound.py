@@ -86,6 +86,9 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
     if progress is not None:
         progress(total, total, "")
 
+    from .fold import fold_affine
+
+    folded = fold_affine(ctx, graph, result.steps)
     parts = value_parts(graph, result.steps)
     cert, est = propagate(graph, result.steps, parts=parts)
     absorbed = {name for _, outcome in result.steps for name in outcome.absorbs}
@@ -105,6 +108,9 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
         if math.isnan(cert[node.outputs[0]]) and not any("not finite" in r for r in result.reasons):
             result.reasons.append(f"{node.name}: weights with NaN or Inf make the bound not finite")
     result.network = _network(graph, cert, est, result.reasons, parts)
+    if folded and result.network.bounded:
+        result.network.composition = "folded"
+        result.network.reason += f" (BatchNorm/per-channel scales folded into {len(folded)} linear op(s))"
     return result
 
 
@@ -122,7 +128,8 @@ def propagate(graph: Graph, steps: list[tuple[Node, Outcome]],
         if outcome.unbounded is not None:
             l_cert = l_est = math.inf
         else:
-            m = (multipliers or {}).get(node.name, 1.0)
+            # a folded factor includes the weights of the ops folded into it
+            m = math.prod((multipliers or {}).get(name, 1.0) for name in (node.name, *outcome.folds))
             l_cert = m * _apply(outcome, outcome.factors, cert, node.inputs, parts)
             l_est = m * _apply(outcome, outcome.est_factors or outcome.factors, est, node.inputs, parts)
         for out in node.outputs:

@@ -39,6 +39,9 @@ class Outcome:
     # names of earlier ops that turned out to be internal parts of this one (the g(x) of
     # an x * g(x) activation): their rows are folded into this op's row
     absorbs: list[str] = field(default_factory=list)
+    # names of earlier ops whose weights this op's factor includes (a BatchNorm folded into
+    # the conv before it): rescaling one of them rescales this factor too
+    folds: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -249,10 +249,16 @@ def _circular_pads(sel: Selection, d: int) -> list[tuple[int, int]] | None:
 
 @rule("Conv", "ConvTranspose")
 def conv(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    return measure_conv(ctx, node, data)
+
+
+def measure_conv(ctx: Context, node: Node, data: list[int], weight_override: np.ndarray | None = None) -> Outcome:
+    """The conv rule; ``weight_override``: measure the conv as if its weight were that array
+    (a BatchNorm folded into it, see ``fold_scale``)."""
     if data != [0]:
         return unbounded(f"{node.op} weight depends on the input")
     g = ctx.graph
-    w_np = g.const(node.inputs[1])
+    w_np = g.const(node.inputs[1]) if weight_override is None else weight_override
     if w_np is None:
         return unbounded(f"{node.op} weight is not a known constant")
     transposed = node.op == "ConvTranspose"
@@ -411,6 +417,57 @@ def batchnorm(ctx: Context, node: Node, data: list[int]) -> Outcome:
         iterations=0, converged=True,
     )
     return Outcome(factors={0: value}, row=row)
+
+
+def batchnorm_scale(ctx: Context, node: Node) -> np.ndarray | None:
+    """The per-channel factor gamma / sqrt(running_var + eps) of an eval BatchNorm (float64),
+    or None when it is not one with known constants."""
+    if node.op != "BatchNormalization" or node.attrs.get("training_mode", 0) or len(node.inputs) < 5:
+        return None
+    scale, var = ctx.graph.const(node.inputs[1]), ctx.graph.const(node.inputs[4])
+    if scale is None or var is None:
+        return None
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    with np.errstate(all="ignore"):
+        s = scale.astype(np.float64).reshape(-1) / np.sqrt(var.astype(np.float64).reshape(-1) + eps)
+    return s if np.isfinite(s).all() else None
+
+
+def fold_scale(ctx: Context, producer: Node, data: list[int], channel_scale: np.ndarray) -> Outcome | None:
+    """The outcome of ``producer`` (a Conv, or a Gemm/MatMul with a 2-D output) followed by a
+    multiplication of its output channels (axis 1) by ``channel_scale``: the linear map
+    x -> diag(s) A x measured as one operator (estimate and certificate of the folded weight,
+    conv on its real input size), so its constant is the norm of the product rather than the
+    product of the norms. None when the shapes do not line up or the op is not one of these."""
+    g = ctx.graph
+    s = channel_scale.astype(np.float64).reshape(-1)
+    out_shape = g.known_shape(producer.outputs[0])
+    if out_shape is None or len(out_shape) < 2 or out_shape[1] != s.size:
+        return None
+    if producer.op == "Conv" and data == [0]:
+        w = g.const(producer.inputs[1])
+        if w is None or w.shape[0] != s.size:
+            return None
+        folded = w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))
+        return measure_conv(ctx, producer, data, weight_override=folded)
+    if len(out_shape) != 2:
+        return None
+    if producer.op == "Gemm" and data == [0]:
+        w = g.const(producer.inputs[1])
+        if w is None or w.ndim != 2:
+            return None
+        mat = (w.T if producer.attrs.get("transB", 0) else w).T.astype(np.float64)  # (n, k): x -> W x
+        alpha = abs(float(producer.attrs.get("alpha", 1.0)))
+        if mat.shape[0] != s.size:
+            return None
+        return _linear_outcome(_matrix_row(ctx, producer, s[:, None] * mat, producer.inputs[0], alpha), 0)
+    if producer.op == "MatMul" and data == [0]:
+        w = g.const(producer.inputs[1])
+        if w is None or w.ndim != 2 or w.shape[1] != s.size:
+            return None
+        return _linear_outcome(_matrix_row(ctx, producer, s[:, None] * w.T.astype(np.float64),
+                                           producer.inputs[0], 1.0), 0)
+    return None
 
 
 # --------------------------------------------------------------------------- recurrent

@@ -1,0 +1,100 @@
+"""Folding per-channel affine maps into the linear op before them.
+
+An eval BatchNorm (or a Mul by a per-channel constant) right after a Conv, Gemm or MatMul
+multiplies that op's output channels by s: together they are x -> diag(s) A x (+ a
+constant). The norm of that product can be much smaller than ||diag(s)|| ||A|| (the
+largest scale may sit on a channel A barely reaches), so the pair is measured as one
+operator, with the folded weight diag(s) W (a conv on its real input size, through the
+conv rule itself).
+
+Where the constant goes: the linear op keeps its own row and constant (its output is still
+bounded by them); the scaling op's factor becomes the folded norm, taken from the linear
+op's input (``Outcome.sources``), so L(after the pair) = ||diag(s) A|| L(before the pair).
+Its row keeps its own sigma and lipschitz (what normalize rescales and checks) and says in
+its note that the bound uses the pair's constant. A fold is used only when it is tighter
+than the product of the two constants, and only when the linear op's output feeds nothing
+else (a branch off it would need A's constant alone, which the linear op's row still
+supplies).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .graph import Graph, Node
+from .rules import Context, Outcome
+from .rules.linear import batchnorm_scale, fold_scale
+
+LINEAR_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+def _channel_scale(ctx: Context, node: Node) -> tuple[int, np.ndarray] | None:
+    """(the data input's position, the per-channel factor) of a BatchNorm or of a Mul by a
+    constant that varies along axis 1 only and does not broadcast the data."""
+    g = ctx.graph
+    if node.op == "BatchNormalization":
+        s = batchnorm_scale(ctx, node)
+        return None if s is None else (0, s)
+    if node.op != "Mul" or len(node.inputs) != 2:
+        return None
+    consts = [g.const(v) for v in node.inputs]
+    if (consts[0] is None) == (consts[1] is None):
+        return None
+    pos = 0 if consts[1] is not None else 1
+    c = consts[1 - pos]
+    x_shape, out_shape = g.known_shape(node.inputs[pos]), g.known_shape(node.outputs[0])
+    if c is None or x_shape is None or x_shape != out_shape or len(x_shape) < 2 or c.ndim > len(x_shape):
+        return None
+    aligned = (1,) * (len(x_shape) - c.ndim) + tuple(c.shape)
+    if any(d != 1 for k, d in enumerate(aligned) if k != 1) or not np.issubdtype(c.dtype, np.number):
+        return None
+    s = np.broadcast_to(c.astype(np.float64).reshape(-1), (x_shape[1],)).copy()
+    return (pos, s) if np.isfinite(s).all() else None
+
+
+def fold_affine(ctx: Context, graph: Graph, steps: list[tuple[Node, Outcome]]) -> list[str]:
+    """Replace, in ``steps``, the outcome of each foldable scaling op by the folded pair's
+    (see the module docstring). Returns the names of the linear ops folded into."""
+    outcome_of = {node.name: outcome for node, outcome in steps}
+    absorbed = {name for _, outcome in steps for name in outcome.absorbs}
+    folded_into: list[str] = []
+    for k, (node, outcome) in enumerate(steps):
+        if outcome.unbounded is not None or node.domain or node.name in absorbed:
+            continue
+        found = _channel_scale(ctx, node)
+        if found is None:
+            continue
+        pos, s = found
+        x = node.inputs[pos]
+        producer = graph.producer.get(x)
+        if producer is None or producer.op not in LINEAR_OPS or producer.domain \
+                or producer.name not in outcome_of or x in graph.outputs:
+            continue
+        before = outcome_of[producer.name]
+        if before.unbounded is not None or set(before.factors) != {0} or before.combine != "sum" \
+                or len(graph.consumers.get(x, [])) != 1 or pos not in outcome.factors:
+            continue
+        data = [i for i, v in enumerate(producer.inputs) if v and v not in graph.static]
+        pair = fold_scale(ctx, producer, data, s)
+        if pair is None or set(pair.factors) != {0} or not math.isfinite(pair.factors[0]):
+            continue
+        value, product = pair.factors[0], before.factors[0] * outcome.factors[pos]
+        if not value < product:
+            continue
+        est = (pair.est_factors or pair.factors)[0]
+        source = pair.sources.get(0, producer.inputs[0])
+        if outcome.row is not None:
+            text = (f"folded with {producer.name} before it: the bound uses the norm of the pair, "
+                    f"{value:.6g} from {producer.name}'s input, in place of {before.factors[0]:.6g} x "
+                    f"{outcome.factors[pos]:.6g}")
+            outcome.row.note = f"{outcome.row.note}; {text}" if outcome.row.note else text
+        steps[k] = (node, Outcome(
+            factors={pos: value}, est_factors={pos: est}, combine=outcome.combine, row=outcome.row,
+            extra_rows=outcome.extra_rows, sources={pos: source}, absorbs=outcome.absorbs,
+            folds=[producer.name, *outcome.folds],
+        ))
+        outcome_of[node.name] = steps[k][1]
+        folded_into.append(producer.name)
+    return folded_into
