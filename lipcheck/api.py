@@ -33,6 +33,7 @@ def analyze(
     trust: bool = False,
     progress: ProgressFn | None = None,
     architecture: str | None = None,
+    empirical: bool = False,
 ) -> Report:
     """Analyse a model file or an in-memory ``nn.Module`` and return its Report.
 
@@ -40,12 +41,13 @@ def analyze(
     a bare state_dict, only per-tensor numbers are reported and no network bound.
     ``architecture`` (``"package.module:factory"``, needs ``trust``) builds the network a
     state_dict or safetensors file belongs to, so it is analysed as a graph at ``input_shape``.
+    ``empirical``: also run the model to find a lower bound (``network.lipschitz_lower``).
     """
     from .pipeline import make_settings, run_analysis
 
     settings = make_settings(Options(tol, max_iters, seed, device, dtype, method))
     return run_analysis(source, input_shape, settings, trust=trust, progress=progress,
-                        architecture=architecture).report
+                        architecture=architecture, empirical=empirical).report
 
 
 def normalize(

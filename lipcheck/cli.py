@@ -102,6 +102,7 @@ MethodOpt = Annotated[Method, typer.Option("--method", help="lanczos (Krylov, fe
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Precision of the estimates (certified bounds always use float64).")]
 TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow what runs code from the file: unpickling modules, .pt2 archives, tracing or rewriting TorchScript, importing --model. Only for files you trust.")]
 ArchOpt = Annotated[str | None, typer.Option("--model", metavar="PACKAGE.MODULE:FACTORY", help="For a state_dict or safetensors file: the code that builds its network (package.module:factory or file.py:factory, called without arguments). The weights are loaded strictly and the network traced at --input-shape. Runs that code, so needs --trust.")]
+EmpiricalOpt = Annotated[bool, typer.Option("--empirical", help="Also run the model (float64; ONNX files through onnx2torch) and search for inputs where its Jacobian is largest: a true lower bound on the network's constant, shown with the ratio certified/lower. Off by default (it runs the model, seconds on small ones).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (shown only on a terminal).")]
 
 
@@ -211,7 +212,7 @@ def _check_architecture(spec: str | None) -> None:
 
 def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_iters: int, seed: int,
                  device: Device, dtype: DType, method: Method, trust: bool, progress: bool,
-                 architecture: str | None = None) -> list[dict]:
+                 architecture: str | None = None, *, empirical: bool = False) -> list[dict]:
     shape = parse_shape(input_shape)
     _check_inputs(*models)
     _check_architecture(architecture)
@@ -224,7 +225,7 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
     for model in models:
         with progress_bar(progress and sys.stderr.isatty()) as callback:
             analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
-                                    architecture=architecture)
+                                    architecture=architecture, empirical=empirical)
         docs.append(analysis.report.to_dict())
     return docs
 
@@ -261,13 +262,14 @@ def inspect(
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
+    empirical: EmpiricalOpt = False,
 ) -> int:
     """Per-layer spectral norms and the network's Lipschitz bound."""
     from . import writers
 
     _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
-                        architecture)
+                        architecture, empirical=empirical)
     if format is OutputFormat.table:
         from rich.console import Group
 

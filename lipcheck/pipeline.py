@@ -69,7 +69,9 @@ class Analysis:
 
 def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None,
                  settings: spectral.Settings, *, trust: bool = False,
-                 progress: ProgressFn | None = None, architecture: str | None = None) -> Analysis:
+                 progress: ProgressFn | None = None, architecture: str | None = None,
+                 empirical: bool = False) -> Analysis:
+    """``empirical``: also search for a lower bound by running the model (lipcheck.lower)."""
     if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
         raise UsageError(f"{{param}} must be positive dims, batch first, got {input_shape}", param="input_shape")
     if isinstance(source, torch.nn.Module):
@@ -85,7 +87,12 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None
         loaded = load(path, trust=trust, input_shape=input_shape, architecture=architecture)
         info = ModelInfo(path=str(path), sha256=sha256_of(path), format=loaded.format.value)
     info.input_shape = list(input_shape) if input_shape else None
-    return analyze_loaded(loaded, info, settings, progress)
+    analysis = analyze_loaded(loaded, info, settings, progress)
+    if empirical:
+        from .lower import attach
+
+        attach(analysis, source, settings.seed)
+    return analysis
 
 
 def _estimates_within_certificates(rows: list[Any]) -> None:

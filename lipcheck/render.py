@@ -106,10 +106,18 @@ def summary(doc: dict[str, Any]) -> Text:
         text.append("network Lipschitz bound (certified): ", style="bold")
         text.append(fmt(n["lipschitz_bound"]), style="bold green")
         text.append(f"   composed from the estimates: {fmt(n['lipschitz_estimate'])}\n")
+        if n.get("composition") not in (None, "graph-product"):
+            text.append(f"composition: {n['composition']}\n")
     else:
         text.append("network Lipschitz bound: ", style="bold")
         text.append("none", style="bold red")
         text.append(f" - {n['reason']}\n")
+    if n.get("lipschitz_lower") is not None:
+        text.append("empirical lower bound (a real input's secant): ", style="bold")
+        text.append(fmt(n["lipschitz_lower"]))
+        if n["bounded"] and n["lipschitz_bound"]:
+            text.append(f"   certified / lower = {n['lipschitz_bound'] / n['lipschitz_lower']:.4g}")
+        text.append("\n")
     unconverged = [r["name"] for r in doc["layers"] if r["converged"] is False]
     if unconverged:
         text.append(f"{len(unconverged)} estimate(s) marked ! did not converge within max_iters "

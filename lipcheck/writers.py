@@ -78,6 +78,12 @@ def inspect_markdown(docs: list[dict[str, Any]]) -> str:
         net = doc["network"]
         bound = f"**{fmt(net['lipschitz_bound'])}** (certified)" if net["bounded"] else \
             f"**unbounded**: {_md_escape(net['reason'])}"
+        if net.get("lipschitz_lower") is not None:
+            bound += f"; empirical lower bound {fmt(net['lipschitz_lower'])}"
+            if net["bounded"] and net["lipschitz_bound"]:
+                bound += f" (certified / lower = {net['lipschitz_bound'] / net['lipschitz_lower']:.4g})"
+        if net["bounded"] and net.get("composition") not in (None, "graph-product"):
+            bound += f"; composition: {net['composition']}"
         out.append(f"### lipcheck: `{doc['model']['path']}`\n\nNetwork Lipschitz bound: {bound}\n")
         out.append(_md_table(
             ["layer", "op", "input", "sigma (est.)", "sigma_matrix", "sigma_upper", "bound"],
