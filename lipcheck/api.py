@@ -30,6 +30,8 @@ def analyze(
     device: str = DEFAULTS.device,
     dtype: str = DEFAULTS.dtype,
     method: str = DEFAULTS.method,
+    certify: str = DEFAULTS.certify,
+    failure_probability: float = DEFAULTS.failure_probability,
     trust: bool = False,
     progress: ProgressFn | None = None,
     architecture: str | None = None,
@@ -41,11 +43,13 @@ def analyze(
     a bare state_dict, only per-tensor numbers are reported and no network bound.
     ``architecture`` (``"package.module:factory"``, needs ``trust``) builds the network a
     state_dict or safetensors file belongs to, so it is analysed as a graph at ``input_shape``.
+    ``certify``: "exact" (deterministic upper bounds), "probabilistic" or "auto" (the default:
+    exact where cheap); a probabilistic row fails with probability ``failure_probability``.
     ``empirical``: also run the model to find a lower bound (``network.lipschitz_lower``).
     """
     from .pipeline import make_settings, run_analysis
 
-    settings = make_settings(Options(tol, max_iters, seed, device, dtype, method))
+    settings = make_settings(Options(tol, max_iters, seed, device, dtype, method, certify, failure_probability))
     return run_analysis(source, input_shape, settings, trust=trust, progress=progress,
                         architecture=architecture, empirical=empirical).report
 

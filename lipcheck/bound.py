@@ -15,6 +15,7 @@ rather than the root of their sum of squares (see ``_blocks``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,7 +108,11 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
         result.rows.extend(outcome.extra_rows)
         if math.isnan(cert[node.outputs[0]]) and not any("not finite" in r for r in result.reasons):
             result.reasons.append(f"{node.name}: weights with NaN or Inf make the bound not finite")
-    result.network = _network(graph, cert, est, result.reasons, parts)
+    # union bound over the probabilistic per-op bounds (all rows: those off the output's path
+    # only make the sum larger)
+    deltas = [r.failure_probability for r in result.rows
+              if r.upper_kind == "probabilistic" and r.failure_probability is not None]
+    result.network = _network(graph, cert, est, result.reasons, parts, deltas)
     if folded and result.network.bounded:
         result.network.composition = "folded"
         result.network.reason += f" (BatchNorm/per-channel scales folded into {len(folded)} linear op(s))"
@@ -155,9 +160,19 @@ def _outputs_bound(graph: Graph, lip: dict[str, float], parts: dict[str, Part]) 
 
 
 def _network(graph: Graph, cert: dict[str, float], est: dict[str, float],
-             reasons: list[str], parts: dict[str, Part]) -> NetworkResult:
+             reasons: list[str], parts: dict[str, Part], deltas: Sequence[float] = ()) -> NetworkResult:
+    """The network's bound; ``deltas``: the failure probabilities of the probabilistic per-op
+    bounds it is composed from (the bound then fails with probability at most their sum)."""
     l_cert = _outputs_bound(graph, cert, parts)
     l_est = _outputs_bound(graph, est, parts)
+    if math.isfinite(l_cert) and deltas:
+        delta = min(1.0, math.fsum(deltas))
+        return NetworkResult(
+            lipschitz_bound=l_cert, lipschitz_estimate=l_est, bounded=True, certified=False,
+            reason=f"probabilistic: composed from per-layer upper bounds, {len(deltas)} of them "
+                   f"probabilistic; fails with probability at most {delta:.3g} (union bound)",
+            composition="graph-product", failure_probability=delta,
+        )
     if math.isfinite(l_cert):
         return NetworkResult(
             lipschitz_bound=l_cert, lipschitz_estimate=l_est, bounded=True, certified=True,

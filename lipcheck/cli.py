@@ -82,6 +82,12 @@ class Method(str, enum.Enum):
     power = "power"
 
 
+class Certify(str, enum.Enum):
+    auto = "auto"
+    exact = "exact"
+    probabilistic = "probabilistic"
+
+
 class DType(str, enum.Enum):
     float32 = "float32"
     float64 = "float64"
@@ -102,6 +108,8 @@ MethodOpt = Annotated[Method, typer.Option("--method", help="lanczos (Krylov, fe
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Precision of the estimates (certified bounds always use float64).")]
 TrustOpt = Annotated[bool, typer.Option("--trust", help="Allow what runs code from the file: unpickling modules, .pt2 archives, tracing or rewriting TorchScript, importing --model. Only for files you trust.")]
 ArchOpt = Annotated[str | None, typer.Option("--model", metavar="PACKAGE.MODULE:FACTORY", help="For a state_dict or safetensors file: the code that builds its network (package.module:factory or file.py:factory, called without arguments). The weights are loaded strictly and the network traced at --input-shape. Runs that code, so needs --trust.")]
+CertifyOpt = Annotated[Certify, typer.Option("--certify", help="Upper bounds of dense matrices: exact (deterministic certificate, O(n^3)), probabilistic (from a random-start Lanczos run, O(k n^2), fails with probability at most --failure-probability per layer; reported as such), or auto (exact where cheap, probabilistic on large matrices).")]
+FailureProbOpt = Annotated[float, typer.Option("--failure-probability", metavar="DELTA", help="Failure probability of each probabilistic upper bound (the network's is their sum).")]
 EmpiricalOpt = Annotated[bool, typer.Option("--empirical", help="Also run the model (float64; ONNX files through onnx2torch) and search for inputs where its Jacobian is largest: a true lower bound on the network's constant, shown with the ratio certified/lower. Off by default (it runs the model, seconds on small ones).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (shown only on a terminal).")]
 
@@ -212,15 +220,18 @@ def _check_architecture(spec: str | None) -> None:
 
 def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_iters: int, seed: int,
                  device: Device, dtype: DType, method: Method, trust: bool, progress: bool,
-                 architecture: str | None = None, *, empirical: bool = False) -> list[dict]:
+                 architecture: str | None = None, *, certify: Certify = Certify(DEFAULTS.certify),
+                 failure_probability: float = DEFAULTS.failure_probability,
+                 empirical: bool = False) -> list[dict]:
     shape = parse_shape(input_shape)
     _check_inputs(*models)
     _check_architecture(architecture)
-    Options(tol, max_iters, seed, device.value, dtype.value, method.value)  # checked before torch loads
+    options = Options(tol, max_iters, seed, device.value, dtype.value, method.value, certify.value,
+                      failure_probability)  # checked before torch loads
     from .pipeline import make_settings, run_analysis
     from .render import progress_bar
 
-    settings = make_settings(Options(tol, max_iters, seed, device.value, dtype.value, method.value))
+    settings = make_settings(options)
     docs = []
     for model in models:
         with progress_bar(progress and sys.stderr.isatty()) as callback:
@@ -259,6 +270,8 @@ def inspect(
     device: DeviceOpt = Device(DEFAULTS.device),
     dtype: DTypeOpt = DType(DEFAULTS.dtype),
     method: MethodOpt = Method(DEFAULTS.method),
+    certify: CertifyOpt = Certify(DEFAULTS.certify),
+    failure_probability: FailureProbOpt = DEFAULTS.failure_probability,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
@@ -269,7 +282,8 @@ def inspect(
 
     _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
-                        architecture, empirical=empirical)
+                        architecture, certify=certify, failure_probability=failure_probability,
+                        empirical=empirical)
     if format is OutputFormat.table:
         from rich.console import Group
 
@@ -306,6 +320,9 @@ def check(
     device: DeviceOpt = Device(DEFAULTS.device),
     dtype: DTypeOpt = DType(DEFAULTS.dtype),
     method: MethodOpt = Method(DEFAULTS.method),
+    certify: CertifyOpt = Certify(DEFAULTS.certify),
+    failure_probability: FailureProbOpt = DEFAULTS.failure_probability,
+    require_certified: Annotated[bool, typer.Option("--require-certified", help="Fail a rule on an upper bound that is probabilistic rather than certified (see --certify).")] = False,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
@@ -323,13 +340,13 @@ def check(
         raise UsageError(f"--baseline {baseline} does not exist")
     _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
-                        architecture)
+                        architecture, certify=certify, failure_probability=failure_probability)
     results = []
     for doc in docs:
         base = gate.load_baseline(baseline, doc["model"]["path"]) if baseline is not None else None
         results += gate.evaluate(doc, max_lipschitz=max_lipschitz, max_layer_sigma=max_layer_sigma,
                                  baseline=base, max_increase=increase, bound=bound,
-                                 allow_unmatched=allow_unmatched)
+                                 allow_unmatched=allow_unmatched, require_certified=require_certified)
     if format is OutputFormat.table:
         from .render import check_table
 

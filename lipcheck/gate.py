@@ -4,6 +4,12 @@ Pure data in, data out: the CLI turns failed rules into exit code 1. Values are 
 certified numbers by default (``--bound certified``); ``estimate`` uses the Lanczos/power
 estimates instead (lower bounds: a gate on them can pass a model whose true constant is
 above the limit, which the rule's message says).
+
+Every verdict on upper bounds says which kind it compared: "certified" (holds whatever the
+spectrum) or "probabilistic (δ=...)" (a Krylov bound from a random start that fails with
+probability at most δ; for a verdict over several layers, δ is the sum over the
+probabilistic ones, a union bound). ``require_certified`` fails any such verdict that rests
+on a probabilistic bound.
 """
 
 from __future__ import annotations
@@ -56,6 +62,31 @@ def _network_value(doc: dict[str, Any], bound: str) -> float | None:
     return net.get("lipschitz_bound") if bound == "certified" else net.get("lipschitz_estimate")
 
 
+def _network_delta(doc: dict[str, Any]) -> float | None:
+    """The failure probability of the network bound: None when it is certified."""
+    net = doc["network"]
+    if net.get("certified", True) or net.get("lipschitz_bound") is None:
+        return None
+    return net.get("failure_probability")
+
+
+def _row_delta(row: dict[str, Any]) -> float | None:
+    """A probabilistic upper bound's failure probability; None when certified (reports from
+    before probabilistic bounds carry no ``upper_kind``: theirs were all certified)."""
+    if row.get("upper_kind") == "probabilistic":
+        return float(row.get("failure_probability") or 0.0)
+    return None
+
+
+def _kind(deltas: list[float | None]) -> tuple[str, float | None]:
+    """The kind of a verdict resting on upper bounds with these failure probabilities."""
+    probs = [d for d in deltas if d is not None]
+    if not probs:
+        return "certified", None
+    total = min(1.0, sum(probs))
+    return f"probabilistic (δ={total:.3g})", total
+
+
 def _layer_value(row: dict[str, Any], bound: str) -> float | None:
     if bound == "certified":
         return row.get("sigma_upper")
@@ -65,22 +96,28 @@ def _layer_value(row: dict[str, Any], bound: str) -> float | None:
 def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
              max_layer_sigma: float | None = None, baseline: dict[str, Any] | None = None,
              max_increase: float | None = None, bound: str = "certified",
-             allow_unmatched: bool = False) -> list[RuleResult]:
+             allow_unmatched: bool = False, require_certified: bool = False) -> list[RuleResult]:
     """Every rule's verdict for one inspect report (as its JSON document).
 
     Against a baseline, layers are matched by name; a weighted layer present on one side
     only fails the ``baseline-match`` rule unless ``allow_unmatched`` (a baseline of another
-    model, or of another export of it, must not pass by comparing nothing)."""
+    model, or of another export of it, must not pass by comparing nothing).
+
+    With ``bound="certified"`` each verdict's message ends with the kind of upper bound it
+    compared; ``require_certified`` fails a verdict that compared a probabilistic one."""
     if bound not in ("certified", "estimate"):
         raise UsageError(f"{{param}} must be certified or estimate, got {bound}", param="bound")
     model = doc["model"]["path"]
     results: list[RuleResult] = []
+    deltas: dict[int, list[float | None]] = {}  # id(result) -> the bounds it compared
     layers = [r for r in doc["layers"] if r.get("kind") in GATED_KINDS]
     if not layers:
         results.append(RuleResult(model, "analysed", False, None, None,
                                   "no layer with weights was analysed: a gate that measured nothing fails"))
     if max_lipschitz is not None:
         value = _network_value(doc, bound)
+        if value is not None:
+            deltas[len(results)] = [_network_delta(doc)]
         if value is None:
             results.append(RuleResult(model, "max-lipschitz", False, None, max_lipschitz,
                                       f"no network bound: {doc['network']['reason']}"))
@@ -103,6 +140,7 @@ def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
                                           row["name"]))
             elif value > max_layer_sigma:
                 failed = True
+                deltas[len(results)] = [_row_delta(row)]
                 results.append(RuleResult(model, "max-layer-sigma", False, value, max_layer_sigma,
                                           f"layer {row['name']}: sigma {value:.6g} > {max_layer_sigma:.6g}: "
                                           f"{_over(value, max_layer_sigma)}", row["name"]))
@@ -110,15 +148,33 @@ def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
                 worst = (value, row["name"])
         if not failed and layers:
             assert worst is not None
+            deltas[len(results)] = [_row_delta(row) for row in layers]
             results.append(RuleResult(model, "max-layer-sigma", True, worst[0], max_layer_sigma,
                                       f"largest layer sigma {worst[0]:.6g} ({worst[1]}) <= "
                                       f"{max_layer_sigma:.6g}"))
     if baseline is not None:
-        results.extend(_against_baseline(doc, baseline, max_increase or 0.0, bound, allow_unmatched))
+        for r, used in _against_baseline(doc, baseline, max_increase or 0.0, bound, allow_unmatched):
+            if used is not None:
+                deltas[len(results)] = used
+            results.append(r)
+    if bound == "certified":
+        for i, used in deltas.items():
+            _state_kind(results[i], used, require_certified)
     if bound == "estimate":
         for r in results:
             r.message += " [estimate: a lower bound, not a guarantee]"
     return results
+
+
+def _state_kind(result: RuleResult, used: list[float | None], require_certified: bool) -> None:
+    """Name the kind of upper bound a verdict compared; fail it under --require-certified
+    when that kind is probabilistic."""
+    kind, delta = _kind(used)
+    result.message += f" [{kind}]"
+    if require_certified and delta is not None and result.passed:
+        result.passed = False
+        result.message += (": --require-certified needs a certified bound "
+                           "(rerun with --certify exact)")
 
 
 def _names(names: list[str], limit: int = 5) -> str:
@@ -148,21 +204,25 @@ def _match(doc: dict[str, Any], base: dict[str, Any], allow_unmatched: bool) -> 
 
 
 def _against_baseline(doc: dict[str, Any], base: dict[str, Any], inc: float, bound: str,
-                      allow_unmatched: bool = False) -> list[RuleResult]:
+                      allow_unmatched: bool = False) -> list[tuple[RuleResult, list[float | None] | None]]:
+    """The baseline verdicts, each with the failure probabilities of the new upper bounds it
+    compared (None: it compared no bound)."""
     model = doc["model"]["path"]
-    out: list[RuleResult] = [_match(doc, base, allow_unmatched)]
+    out: list[tuple[RuleResult, list[float | None] | None]] = [(_match(doc, base, allow_unmatched), None)]
     new, old = _network_value(doc, bound), _network_value(base, bound)
     if old is not None:
         limit = old * (1 + inc)
         if new is None:
-            out.append(RuleResult(model, "baseline-network", False, None, limit,
-                                  f"baseline had a network bound {old:.6g}, now none: {doc['network']['reason']}"))
+            out.append((RuleResult(model, "baseline-network", False, None, limit,
+                                   f"baseline had a network bound {old:.6g}, now none: {doc['network']['reason']}"),
+                        None))
         else:
             ok = new <= limit
-            out.append(RuleResult(model, "baseline-network", ok, new, limit,
-                                  f"network bound {new:.6g} vs baseline {old:.6g} (limit {limit:.6g})"
-                                  + ("" if ok else f": {_over(new, limit)}")))
+            out.append((RuleResult(model, "baseline-network", ok, new, limit,
+                                   f"network bound {new:.6g} vs baseline {old:.6g} (limit {limit:.6g})"
+                                   + ("" if ok else f": {_over(new, limit)}")), [_network_delta(doc)]))
     base_rows = {r["name"]: r for r in base["layers"] if r.get("kind") in GATED_KINDS}
+    compared: list[float | None] = []
     for row in doc["layers"]:
         if row.get("kind") not in GATED_KINDS or row["name"] not in base_rows:
             continue
@@ -170,13 +230,14 @@ def _against_baseline(doc: dict[str, Any], base: dict[str, Any], inc: float, bou
         if new_v is None or old_v is None:
             continue
         limit = old_v * (1 + inc)
+        compared.append(_row_delta(row))
         if new_v > limit:
-            out.append(RuleResult(model, "baseline-layer", False, new_v, limit,
-                                  f"layer {row['name']}: sigma {new_v:.6g} vs baseline {old_v:.6g} "
-                                  f"(limit {limit:.6g}): {_over(new_v, limit)}", row["name"]))
-    if not any(r.rule == "baseline-layer" for r in out):
-        out.append(RuleResult(model, "baseline-layer", True, None, None,
-                              f"no layer grew more than {inc * 100:.4g}% over the baseline"))
+            out.append((RuleResult(model, "baseline-layer", False, new_v, limit,
+                                   f"layer {row['name']}: sigma {new_v:.6g} vs baseline {old_v:.6g} "
+                                   f"(limit {limit:.6g}): {_over(new_v, limit)}", row["name"]), [_row_delta(row)]))
+    if not any(r.rule == "baseline-layer" for r, _ in out):
+        out.append((RuleResult(model, "baseline-layer", True, None, None,
+                               f"no layer grew more than {inc * 100:.4g}% over the baseline"), compared))
     return out
 
 

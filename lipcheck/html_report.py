@@ -171,8 +171,16 @@ LAYER_COLUMNS = ("name", "op", "kind", "sigma", "sigma_upper", "sigma_matrix", "
 
 def report_section(doc: dict[str, Any]) -> str:
     net = doc["network"]
-    headline = (f"network Lipschitz bound (certified): <b>{_num(net['lipschitz_bound'])}</b>" if net["bounded"]
-                else f"no network bound: {_esc(net['reason'])}")
+    from .writers import network_kind
+
+    headline = (f"network Lipschitz bound ({_esc(network_kind(net))}): <b>{_num(net['lipschitz_bound'])}</b>"
+                if net["bounded"] else f"no network bound: {_esc(net['reason'])}")
+    probabilistic = [r for r in doc["layers"] if r.get("upper_kind") == "probabilistic"]
+    if probabilistic:
+        deltas = sorted({r.get("failure_probability") or 0.0 for r in probabilistic})
+        headline += (f"<br>{len(probabilistic)} layer(s) have a probabilistic sigma_upper (random-start "
+                     f"Lanczos): each fails with probability at most δ={_esc(', '.join(f'{d:.3g}' for d in deltas))}"
+                     "; rerun with --certify exact for certified bounds")
     parts = [f"<h2>{_esc(doc['model']['path'])} [{_esc(doc['model']['format'])}]</h2><p>{headline}</p>",
              sigma_chart(doc["layers"])]
     for chart in (bound_chart(doc["layers"]), heatmap(doc["layers"], "sigma"),

@@ -35,12 +35,14 @@ def make_settings(options: Options = DEFAULTS) -> spectral.Settings:
     except ValueError as exc:
         raise UsageError(str(exc), param="device") from None
     return spectral.Settings(tol=options.tol, max_iters=options.max_iters, seed=options.seed,
-                             device=resolved, dtype=TORCH_DTYPES[options.dtype], method=options.method)
+                             device=resolved, dtype=TORCH_DTYPES[options.dtype], method=options.method,
+                             certify=options.certify, failure_probability=options.failure_probability)
 
 
 def settings_dict(s: spectral.Settings) -> dict[str, Any]:
     return {"tol": s.tol, "max_iters": s.max_iters, "seed": s.seed, "device": s.device,
-            "dtype": str(s.dtype).replace("torch.", ""), "method": s.method}
+            "dtype": str(s.dtype).replace("torch.", ""), "method": s.method, "certify": s.certify,
+            "failure_probability": s.failure_probability}
 
 
 def sha256_of(path: Path) -> str:

@@ -37,6 +37,19 @@ COLUMNS = ("layer", "op", "input", "sigma est", "sigma_mat", "sigma_up", "iters"
 # Room a layer name gets before a column is given up for it: module paths up to this long
 # read whole (``encoder.layers.11.self_attn.out_proj``, ``model.layers.31.self_attn.o_proj``).
 NAME_ROOM = 36
+PROBABILISTIC_MARK = "†"  # after a probabilistic sigma_upper; the summary gives its δ
+
+
+def _upper(r: dict[str, Any]) -> str:
+    text = fmt(r["sigma_upper"])
+    return text + PROBABILISTIC_MARK if r.get("upper_kind") == "probabilistic" else text
+
+
+def _network_kind(n: dict[str, Any]) -> str:
+    """How the network bound holds: certified, or probabilistic with its failure probability."""
+    if n.get("certified", True) or n.get("failure_probability") is None:
+        return "certified"
+    return f"probabilistic, fails with probability <= {n['failure_probability']:.3g}"
 
 
 def _cells(doc: dict[str, Any]) -> list[list[str]]:
@@ -46,7 +59,7 @@ def _cells(doc: dict[str, Any]) -> list[list[str]]:
         # spectral_norm field names the API).
         op = f"{r['op']}+SN" if r.get("spectral_norm") else r["op"]
         rows.append([r["name"], op, fmt(r["input_shape"] or None), fmt(r["sigma"]), fmt(r["sigma_matrix"]),
-                     fmt(r["sigma_upper"]), _iters(r["iterations"], r["converged"]), fmt(r["bound"])])
+                     _upper(r), _iters(r["iterations"], r["converged"]), fmt(r["bound"])])
     return rows
 
 
@@ -103,8 +116,8 @@ def summary(doc: dict[str, Any]) -> Text:
     n = doc["network"]
     text = Text()
     if n["bounded"]:
-        text.append("network Lipschitz bound (certified): ", style="bold")
-        text.append(fmt(n["lipschitz_bound"]), style="bold green")
+        text.append(f"network Lipschitz bound ({_network_kind(n)}): ", style="bold")
+        text.append(fmt(n["lipschitz_bound"]), style="bold green" if _network_kind(n) == "certified" else "bold yellow")
         text.append(f"   composed from the estimates: {fmt(n['lipschitz_estimate'])}\n")
         if n.get("composition") not in (None, "graph-product"):
             text.append(f"composition: {n['composition']}\n")
@@ -122,9 +135,21 @@ def summary(doc: dict[str, Any]) -> Text:
     if unconverged:
         text.append(f"{len(unconverged)} estimate(s) marked ! did not converge within max_iters "
                     "(their sigma is a lower bound; sigma_upper still holds)\n", style="yellow")
-    text.append("sigma est: Krylov/power-iteration estimate (a lower bound); sigma_up: certified upper "
-                "bound; sigma_mat: norm of the reshaped conv weight; bound: certified bound from "
-                "the input to that layer\n", style="dim")
+    probabilistic = [r for r in doc["layers"] if r.get("upper_kind") == "probabilistic"]
+    if not probabilistic:
+        text.append("sigma est: Krylov/power-iteration estimate (a lower bound); sigma_up: certified upper "
+                    "bound; sigma_mat: norm of the reshaped conv weight; bound: certified bound from "
+                    "the input to that layer\n", style="dim")
+    else:
+        text.append("sigma est: Krylov/power-iteration estimate (a lower bound); sigma_up: upper bound, "
+                    f"certified unless marked {PROBABILISTIC_MARK}; sigma_mat: norm of the reshaped conv weight; "
+                    "bound: upper bound from the input to that layer (probabilistic from the first "
+                    f"{PROBABILISTIC_MARK} layer on)\n", style="dim")
+        deltas = sorted({r.get("failure_probability") or 0.0 for r in probabilistic})
+        text.append(f"{PROBABILISTIC_MARK} probabilistic upper bound ({len(probabilistic)} layer(s)): from a "
+                    "random-start Lanczos run (Kuczyński & Woźniakowski 1992), it fails with probability "
+                    f"at most δ={', '.join(f'{d:.3g}' for d in deltas)} per layer; the bounds built on it "
+                    "are probabilistic too (--certify exact for certified ones)\n", style="yellow")
     for s in doc["skipped"]:
         text.append(f"skipped {s['name']} ({s['op']}): {s['reason']}\n", style="yellow")
     for note in doc["notes"]:
@@ -184,7 +209,9 @@ def normalize_table(result: Any) -> Table:
 def normalize_summary(result: Any) -> Text:
     text = Text()
     before, after = result.before.network, result.after.network if result.after else None
-    text.append("network bound (certified): ", style="bold")
+    kind = "certified" if before.certified and (after is None or after.certified or not after.bounded) else (
+        "probabilistic: see the reports' failure_probability")
+    text.append(f"network bound ({kind}): ", style="bold")
     text.append(f"{fmt(before.lipschitz_bound)} -> {fmt(after.lipschitz_bound if after else None)}")
     if result.budget is not None:
         text.append(f"   budget {fmt(result.budget)}")

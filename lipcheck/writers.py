@@ -72,11 +72,23 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def network_kind(net: dict[str, Any]) -> str:
+    """How a network bound holds, in words: "certified" or "probabilistic (δ=...)"."""
+    if net.get("certified", True) or net.get("failure_probability") is None:
+        return "certified"
+    return f"probabilistic (δ={net['failure_probability']:.3g})"
+
+
+def _upper_cell(r: dict[str, Any]) -> str:
+    """sigma_upper, marked † when probabilistic (the footnote gives δ)."""
+    return fmt(r["sigma_upper"]) + ("†" if r.get("upper_kind") == "probabilistic" else "")
+
+
 def inspect_markdown(docs: list[dict[str, Any]]) -> str:
     out = []
     for doc in docs:
         net = doc["network"]
-        bound = f"**{fmt(net['lipschitz_bound'])}** (certified)" if net["bounded"] else \
+        bound = f"**{fmt(net['lipschitz_bound'])}** ({network_kind(net)})" if net["bounded"] else \
             f"**unbounded**: {_md_escape(net['reason'])}"
         if net.get("lipschitz_lower") is not None:
             bound += f"; empirical lower bound {fmt(net['lipschitz_lower'])}"
@@ -87,9 +99,15 @@ def inspect_markdown(docs: list[dict[str, Any]]) -> str:
         out.append(f"### lipcheck: `{doc['model']['path']}`\n\nNetwork Lipschitz bound: {bound}\n")
         out.append(_md_table(
             ["layer", "op", "input", "sigma (est.)", "sigma_matrix", "sigma_upper", "bound"],
-            [[r["name"], r["op"], r["input_shape"], r["sigma"], r["sigma_matrix"], r["sigma_upper"], r["bound"]]
+            [[r["name"], r["op"], r["input_shape"], r["sigma"], r["sigma_matrix"], _upper_cell(r), r["bound"]]
              for r in doc["layers"]],
         ))
+        probabilistic = [r for r in doc["layers"] if r.get("upper_kind") == "probabilistic"]
+        if probabilistic:
+            deltas = sorted({r.get("failure_probability") or 0.0 for r in probabilistic})
+            out.append(f"\n† probabilistic upper bound ({len(probabilistic)} layer(s)): fails with probability "
+                       f"at most δ={', '.join(f'{d:.3g}' for d in deltas)} per layer (random-start Lanczos, "
+                       "Kuczyński & Woźniakowski 1992); rerun with `--certify exact` for certified bounds.\n")
         if doc["skipped"]:
             out.append("\nSkipped: " + "; ".join(f"`{s['name']}` ({s['op']}): {_md_escape(s['reason'])}"
                                                   for s in doc["skipped"]) + "\n")
@@ -127,7 +145,8 @@ def inspect_junit(docs: list[dict[str, Any]]) -> str:
     suites = []
     for doc in docs:
         net = doc["network"]
-        detail = f"network bound {fmt(net['lipschitz_bound'])}" if net["bounded"] else net["reason"]
+        detail = (f"network bound {fmt(net['lipschitz_bound'])} ({network_kind(net)})" if net["bounded"]
+                  else net["reason"])
         suites.append((doc["model"]["path"], [("inspect", None, detail)]))
     return _junit(suites)
 

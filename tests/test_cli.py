@@ -53,7 +53,8 @@ def test_json_document(cli: Cli) -> None:
     assert doc["schema_version"] == "1"
     assert doc["model"]["format"] == "onnx" and len(doc["model"]["sha256"]) == 64
     assert doc["settings"] == {"tol": 1e-6, "max_iters": 1000, "seed": 3, "device": "cpu",
-                               "dtype": "float32", "method": "lanczos"}
+                               "dtype": "float32", "method": "lanczos", "certify": "auto",
+                               "failure_probability": 1e-9}
     layer_keys = {"name", "op", "input_shape", "sigma", "sigma_matrix", "sigma_upper",
                   "iterations", "converged"}
     assert all(layer_keys <= set(row) for row in doc["layers"])

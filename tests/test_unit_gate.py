@@ -37,7 +37,7 @@ ONE_LAYER = [row("fc", 1.0)]
 
 def test_network_under_the_limit_passes() -> None:
     assert evaluate(report(ONE_LAYER, bound=2.0), max_lipschitz=3.0) == [
-        RuleResult("m.onnx", "max-lipschitz", True, 2.0, 3.0, "network bound 2 <= 3")]
+        RuleResult("m.onnx", "max-lipschitz", True, 2.0, 3.0, "network bound 2 <= 3 [certified]")]
 
 
 def test_network_at_the_limit_passes() -> None:
@@ -48,7 +48,7 @@ def test_network_at_the_limit_passes() -> None:
 def test_network_over_the_limit_says_by_how_much() -> None:
     # 2 - 1.6 = 0.4 over, 2 / 1.6 = 1.25: 25% over
     assert evaluate(report(ONE_LAYER, bound=2.0), max_lipschitz=1.6) == [
-        RuleResult("m.onnx", "max-lipschitz", False, 2.0, 1.6, "network bound 2 > 1.6: 0.4 over (25.00%)")]
+        RuleResult("m.onnx", "max-lipschitz", False, 2.0, 1.6, "network bound 2 > 1.6: 0.4 over (25.00%) [certified]")]
 
 
 def test_no_network_bound_fails_with_the_reason() -> None:
@@ -77,8 +77,10 @@ def test_each_layer_over_the_limit_is_one_failure() -> None:
     layers = [row("a", 0.9), row("b", 1.5, kind="conv"), row("act", 7.0, kind="activation"),
               row("d", 1.2, kind="diagonal")]
     assert evaluate(report(layers), max_layer_sigma=1.0) == [
-        RuleResult("m.onnx", "max-layer-sigma", False, 1.5, 1.0, "layer b: sigma 1.5 > 1: 0.5 over (50.00%)", "b"),
-        RuleResult("m.onnx", "max-layer-sigma", False, 1.2, 1.0, "layer d: sigma 1.2 > 1: 0.2 over (20.00%)", "d"),
+        RuleResult("m.onnx", "max-layer-sigma", False, 1.5, 1.0,
+                   "layer b: sigma 1.5 > 1: 0.5 over (50.00%) [certified]", "b"),
+        RuleResult("m.onnx", "max-layer-sigma", False, 1.2, 1.0,
+                   "layer d: sigma 1.2 > 1: 0.2 over (20.00%) [certified]", "d"),
     ]
 
 
@@ -87,7 +89,7 @@ def test_passing_layers_report_the_largest() -> None:
     layers = [row("a", 0.9), row("b", 0.95, kind="conv"), row("act", 7.0, kind="activation"),
               row("lstm.W", 0.5, kind="recurrent")]
     assert evaluate(report(layers), max_layer_sigma=1.0) == [
-        RuleResult("m.onnx", "max-layer-sigma", True, 0.95, 1.0, "largest layer sigma 0.95 (b) <= 1")]
+        RuleResult("m.onnx", "max-layer-sigma", True, 0.95, 1.0, "largest layer sigma 0.95 (b) <= 1 [certified]")]
 
 
 @pytest.mark.parametrize("upper", [None, math.inf, math.nan])
@@ -100,7 +102,7 @@ def test_a_layer_without_a_finite_sigma_fails(upper: float | None) -> None:
 
 def test_a_zero_limit_gives_no_percentage() -> None:
     (result,) = evaluate(report([row("a", 0.5)]), max_layer_sigma=0.0)
-    assert result.message == "layer a: sigma 0.5 > 0: 0.5 over"
+    assert result.message == "layer a: sigma 0.5 > 0: 0.5 over [certified]"
 
 
 def test_estimate_mode_reads_sigma_then_falls_back_to_the_certificate() -> None:
@@ -131,8 +133,8 @@ def test_baseline_growth_within_the_allowance_passes() -> None:
     assert (results[0].value, results[0].limit) == (2, 2)
     assert results[0].message == "2 of 2 layers matched the baseline by name"
     assert results[1].value == 2.15 and results[1].limit == pytest.approx(2.2, rel=1e-15)
-    assert results[1].message == "network bound 2.15 vs baseline 2 (limit 2.2)"
-    assert results[2].message == "no layer grew more than 10% over the baseline"
+    assert results[1].message == "network bound 2.15 vs baseline 2 (limit 2.2) [certified]"
+    assert results[2].message == "no layer grew more than 10% over the baseline [certified]"
 
 
 def test_baseline_growth_beyond_the_allowance_fails_per_layer() -> None:
@@ -141,10 +143,10 @@ def test_baseline_growth_beyond_the_allowance_fails_per_layer() -> None:
     _, network, layer = evaluate(new, baseline=BASE, max_increase=0.1)
     assert not network.passed and network.value == 2.4
     # 2.4 - 2.2 = 0.2 over; 2.4 / 2.2 = 1.0909...
-    assert network.message == "network bound 2.4 vs baseline 2 (limit 2.2): 0.2 over (9.09%)"
+    assert network.message == "network bound 2.4 vs baseline 2 (limit 2.2): 0.2 over (9.09%) [certified]"
     assert (layer.rule, layer.passed, layer.layer, layer.value) == ("baseline-layer", False, "b", 2.5)
     # 2.5 - 2.2 = 0.3 over; 2.5 / 2.2 = 1.13636...
-    assert layer.message == "layer b: sigma 2.5 vs baseline 2 (limit 2.2): 0.3 over (13.64%)"
+    assert layer.message == "layer b: sigma 2.5 vs baseline 2 (limit 2.2): 0.3 over (13.64%) [certified]"
 
 
 def test_no_allowance_means_no_growth() -> None:

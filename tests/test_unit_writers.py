@@ -101,7 +101,8 @@ def test_inspect_junit_one_passing_case_per_model() -> None:
     root = ET.fromstring(writers.inspect_junit([DOC, unbounded]))
     assert (root.tag, root.get("tests"), root.get("failures")) == ("testsuites", "2", "0")
     outs = [(s.get("name"), c.get("name"), c.findtext("system-out")) for s in root for c in s]
-    assert outs == [("m.onnx", "inspect", "network bound 1.5"), ("u.onnx", "inspect", "unbounded: lstm (LSTM)")]
+    assert outs == [("m.onnx", "inspect", "network bound 1.5 (certified)"),
+                    ("u.onnx", "inspect", "unbounded: lstm (LSTM)")]
 
 
 # --------------------------------------------------------------------------- check

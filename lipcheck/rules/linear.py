@@ -21,17 +21,19 @@ def _shape_list(ctx: Context, value: str) -> list[int | None] | None:
 
 
 def _matrix_row(ctx: Context, node: Node, weight: np.ndarray, data_in: str, scale: float) -> LayerRow:
-    """Estimate + Gram certificate for x -> scale * W x (any batch of matrices)."""
+    """Estimate + upper bound for x -> scale * W x (any batch of matrices): the Cholesky
+    certificate, or a probabilistic Krylov bound per ``settings.certify`` (``dense_bound``)."""
     # certificates run where the estimates do (float64 on the GPU when there is one)
     w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float64)).to(ctx.settings.device)
-    est = spectral.matrix_estimate(w, ctx.settings)
-    cert = spectral.gram_upper_bound(w, est.sigma)
+    bound = spectral.dense_bound(w, ctx.settings)
+    est, cert = bound.estimate, bound.upper
     upper = cert.value * scale
     return LayerRow(
         name=node.name, op=node.op, kind="linear", input_shape=_shape_list(ctx, data_in),
         sigma=est.sigma * scale, sigma_upper=upper, upper_method=cert.method, lipschitz=upper,
         iterations=est.iterations, converged=est.converged,
         note=None if math.isfinite(upper) else "weight has NaN or Inf",
+        upper_kind=bound.kind, failure_probability=bound.failure_probability,
     )
 
 

@@ -83,14 +83,15 @@ def _matrix_row(name: str, key: str, w: torch.Tensor, settings: spectral.Setting
     """A stored matrix: its sigma, certificate, RMS-to-RMS norm and stable rank, and for a
     transformer checkpoint its block and role (see :mod:`lipcheck.names`)."""
     parsed = names.parse(key)
-    est = spectral.matrix_estimate(w, settings)
-    cert = spectral.gram_upper_bound(w, est.sigma)
+    bound = spectral.dense_bound(w, settings)
+    est, cert = bound.estimate, bound.upper
     fan_out, fan_in = (w.shape[1], w.shape[0]) if parsed.in_first else (w.shape[0], w.shape[1])
     embedding = parsed.role == "embed"
     row = LayerRow(name=name, op="Embedding" if embedding else "Linear",
                    kind="embedding" if embedding else "linear", sigma=est.sigma, sigma_upper=cert.value,
                    upper_method=cert.method, lipschitz=cert.value, iterations=est.iterations,
-                   converged=est.converged, block=parsed.block, role=parsed.role)
+                   converged=est.converged, block=parsed.block, role=parsed.role,
+                   upper_kind=bound.kind, failure_probability=bound.failure_probability)
     if est.sigma is not None and math.isfinite(est.sigma) and est.sigma > 0:
         row.rms_to_rms = est.sigma * math.sqrt(fan_in / fan_out)
         row.stable_rank = float(torch.linalg.vector_norm(w)) ** 2 / est.sigma**2

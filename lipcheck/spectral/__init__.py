@@ -10,7 +10,9 @@ Two kinds of number come out of this package and must never be confused:
   value, and only close to it once converged;
 * a **certificate** (``Certificate.value``, :mod:`.certify`), an upper bound that holds
   whatever the spectrum looks like (Cholesky-verified candidates, circular-convolution
-  FFT, Schur test).
+  FFT, Schur test), or, for dense matrices with ``certify`` "probabilistic" (or "auto" on
+  large ones), a probabilistic upper bound from a random-start Krylov run that fails with
+  probability at most ``failure_probability`` (``dense_bound`` says which kind it gave).
 
 :mod:`.maps` holds the linear maps both work on (convolutions, paddings) and
 :mod:`.settings` the numerical settings of a run. The names below are the package's
@@ -23,23 +25,30 @@ from .certify import (
     CERT_GAP,
     CERT_SAFETY,
     Certificate,
+    DenseBound,
     SigmaMaxBound,
     conv_fft_upper_bound,
     conv_reshape_upper_bound,
+    dense_bound,
     gram_upper_bound,
+    krylov_upper_bound,
+    lanczos_epsilon,
+    lanczos_failure_probability,
     polyphase_kernel,
     schur_upper_bound,
     strided_conv_upper_bound,
 )
 from .estimate import Estimate, conv_estimate, matrix_estimate, operator_estimate, start_vector
 from .maps import LinearMap, Shape, conv_forward, matrix_batch, pad_forward, pad_multiplicity
-from .settings import METHODS, Settings, resolve_device
+from .settings import CERTIFY_MODES, METHODS, Settings, resolve_device
 
 __all__ = [
     "CERT_GAP",
     "CERT_SAFETY",
+    "CERTIFY_MODES",
     "METHODS",
     "Certificate",
+    "DenseBound",
     "Estimate",
     "LinearMap",
     "Settings",
@@ -49,7 +58,11 @@ __all__ = [
     "conv_forward",
     "conv_fft_upper_bound",
     "conv_reshape_upper_bound",
+    "dense_bound",
     "gram_upper_bound",
+    "krylov_upper_bound",
+    "lanczos_epsilon",
+    "lanczos_failure_probability",
     "matrix_batch",
     "matrix_estimate",
     "operator_estimate",

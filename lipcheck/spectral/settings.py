@@ -11,6 +11,10 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("lanczos", "power")
+# How dense matrices get their upper bound: "exact" a deterministic certificate (Gram +
+# Cholesky, O(n^3)); "probabilistic" a Krylov bound that fails with probability at most
+# failure_probability per layer (O(k n^2)); "auto" the deterministic one where it is cheap.
+CERTIFY_MODES = ("auto", "exact", "probabilistic")
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,8 @@ class Settings:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     method: str = "lanczos"  # or "power", the plain reference method
+    certify: str = "auto"  # one of CERTIFY_MODES
+    failure_probability: float = 1e-9  # per probabilistic layer bound
 
     def __post_init__(self) -> None:
         if not (0 < self.tol < 1):
@@ -31,6 +37,10 @@ class Settings:
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.certify not in CERTIFY_MODES:
+            raise ValueError(f"certify must be one of {', '.join(CERTIFY_MODES)}, got {self.certify!r}")
+        if not (0 < self.failure_probability < 1):
+            raise ValueError(f"failure_probability must be in (0, 1), got {self.failure_probability}")
 
 
 def resolve_device(name: str) -> str:
