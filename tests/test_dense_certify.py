@@ -257,3 +257,45 @@ def test_gate_names_the_kind_and_can_require_certified(wide_mlp: Path) -> None:
     assert all(r.passed for r in evaluate(cert, max_lipschitz=100.0, require_certified=True))
     base = evaluate(prob, baseline=cert, max_increase=0.05, require_certified=True)
     assert [r.rule for r in base if not r.passed] == ["baseline-network", "baseline-layer"]
+
+
+# --------------------------------------------------------------------------- command line, stored weights
+
+
+def test_cli_certify_and_require_certified(cli: Any, wide_mlp: Path) -> None:
+    code, out, err = cli("check", wide_mlp, "--max-lipschitz", "100", "--certify", "probabilistic",
+                         "--require-certified", "--no-progress")
+    assert code == 1
+    assert "[probabilistic (δ=2e-09)]" in err and "--require-certified needs a certified bound" in err
+    code, out, err = cli("check", wide_mlp, "--max-lipschitz", "100", "--certify", "exact",
+                         "--require-certified", "--no-progress", "-f", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    jsonschema.validate(doc, SCHEMA)
+    assert doc["results"][0]["message"].endswith("[certified]")
+    code, out, err = cli("inspect", wide_mlp, "--certify", "probabilistic", "--failure-probability", "1e-4",
+                         "-f", "json")
+    assert code == 0, err
+    net = json.loads(out)["network"]
+    assert net["failure_probability"] == pytest.approx(2e-4) and not net["certified"]
+
+
+@pytest.mark.parametrize("args", [("--failure-probability", "0"), ("--failure-probability", "1"),
+                                  ("--certify", "sometimes")])
+def test_cli_refuses_bad_certify_options(cli: Any, args: tuple[str, str]) -> None:
+    code, out, err = cli("inspect", SAMPLES / "mlp.onnx", *args)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_stored_matrices_carry_the_kind() -> None:
+    from lipcheck.rules.tensors import tensor_rows
+
+    w = torch.randn(400, 300, generator=torch.Generator().manual_seed(9))
+    settings = spectral.Settings(certify="probabilistic", failure_probability=1e-7)
+    rows, _ = tensor_rows({"layer.weight": w}, settings, [])
+    (row,) = rows
+    assert row.upper_kind == "probabilistic" and row.failure_probability == 1e-7
+    assert row.sigma_upper is not None and row.sigma_upper >= exact_norm(w)
+    rows, _ = tensor_rows({"layer.weight": w}, spectral.Settings(certify="exact"), [])
+    assert rows[0].upper_kind == "certified" and rows[0].failure_probability is None
