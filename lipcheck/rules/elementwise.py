@@ -286,6 +286,10 @@ def mul(ctx: Context, node: Node, data: list[int]) -> Outcome:
     g = ctx.graph
     if len(data) == 2:
         a, b = node.inputs
+        for k in (0, 1):
+            found = _rms_reciprocal(g, node.inputs[1 - k], node.inputs[k], node)
+            if found is not None:
+                return _normalisation_outcome(ctx, node, k, found, "LayerNorm" if found[3] else "RMSNorm")
         for find, name in PRODUCT_ACTIVATIONS:
             match = find(g, a, b)
             if match is None:
@@ -313,7 +317,10 @@ def mul(ctx: Context, node: Node, data: list[int]) -> Outcome:
 @rule("Div")
 def div(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if 1 in data:
-        return unbounded("division by an activation is not globally Lipschitz")
+        found = _rms_denominator(ctx.graph, node.inputs[1], node.inputs[0], node) if 0 in data else None
+        if found is None:
+            return unbounded("division by an activation is not globally Lipschitz")
+        return _normalisation_outcome(ctx, node, 0, found, "LayerNorm" if found[3] else "RMSNorm")
     c = ctx.graph.const(node.inputs[1])
     if c is None:
         return unbounded("Div by a value that is not a known constant")
@@ -328,9 +335,6 @@ def div(ctx: Context, node: Node, data: list[int]) -> Outcome:
 
 
 UNBOUNDED_OPS = {
-    "LayerNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
-    "GroupNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
-    "InstanceNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
     "LpNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
     "MeanVarianceNormalization": "normalisation by an input-dependent scale is not globally Lipschitz",
     "Exp": "exp is not globally Lipschitz",
@@ -412,3 +416,139 @@ def not_lipschitz(ctx: Context, node: Node, data: list[int]) -> Outcome:
             return Outcome(factors={k: (1.0 if k == pos else 0.0) for k in range(3)}, row=row,
                            absorbs=[n.name for n in branch])
     return unbounded(UNBOUNDED_OPS[node.op])
+
+
+# --------------------------------------------------------------------------- normalisation
+#
+# LayerNorm and RMSNorm with eps > 0 are globally Lipschitz, with constant at most
+# max|gamma| / sqrt(eps); per normalised group of n entries (the map is block-diagonal over
+# groups, so the max over groups is the bound):
+#
+# RMSNorm  y = x / r, r = sqrt(|x|^2 / n + eps):  dy/dx = (1/r) (I - x x^T / (n r^2)). The
+#   matrix in brackets has eigenvalue 1 - |x|^2 / (n r^2) = eps / r^2 in (0, 1] along x and
+#   1 on x's orthogonal complement, so |dy/dx| <= 1/r <= 1/sqrt(eps).
+# LayerNorm  y = RMSNorm(P x) with P = I - 1 1^T / n (centering, an orthogonal projection
+#   of norm 1; var(x) = |P x|^2 / n): |dy/dx| <= 1/sqrt(eps) |P| = 1/sqrt(eps). Then the
+#   affine gamma * y + beta multiplies by max |gamma|.
+#
+# The bound is reached only where the group is (nearly) constant, var -> 0: it is sound but
+# loose for typical inputs (the rows say so). A scale gamma that depends on the input, or
+# eps = 0, is not globally Lipschitz.
+
+LOOSE = "global bound max|gamma| / sqrt(eps), reached only on near-constant inputs (loose)"
+
+
+def _axes(graph: Graph, node: Node, rank: int | None) -> tuple[int, ...] | None:
+    """The axes a ReduceMean with keepdims=1 reduces (sorted, non-negative), or None."""
+    if node.op != "ReduceMean" or node.domain or int(node.attrs.get("keepdims", 1)) != 1 or rank is None:
+        return None
+    if "axes" in node.attrs:
+        given = [int(a) for a in node.attrs["axes"]]
+    elif len(node.inputs) > 1 and node.inputs[1]:
+        c = graph.const(node.inputs[1])
+        if c is None:
+            return None
+        given = [int(a) for a in c.reshape(-1)]
+    else:
+        given = list(range(rank))  # no axes: all of them (noop_with_empty_axes unset)
+    if int(node.attrs.get("noop_with_empty_axes", 0)) and not given:
+        return None
+    if any(not -rank <= a < rank for a in given):
+        return None
+    return tuple(sorted({a % rank for a in given}))
+
+
+def _private(graph: Graph, nodes: list[Node], user: Node) -> bool:
+    """Every output of ``nodes`` is read only by ``nodes`` and ``user`` (and is no graph output)."""
+    inside = {n.index for n in nodes} | {user.index}
+    return all(out not in graph.outputs and all(c.index in inside for c in graph.consumers.get(out, []))
+               for n in nodes for out in n.outputs if out)
+
+
+# (the value the constant is measured from, the nodes inside the pattern, eps, centred)
+NormMatch = tuple[str, list[Node], float, bool]
+
+
+def _rms_denominator(graph: Graph, denominator: str, d: str, user: Node,
+                     outer: tuple[Node, ...] = ()) -> NormMatch | None:
+    """denominator = Sqrt(Add(ReduceMean(Pow(d, 2)), eps)) with eps > 0 a one-number constant
+    (keepdims). When d = Sub(x, ReduceMean(x)) over the same axes, the match starts at x
+    (LayerNorm), else at d (RMSNorm)."""
+    sqrt = graph.producer.get(denominator)
+    if sqrt is None or sqrt.op != "Sqrt" or sqrt.domain:
+        return None
+    add = graph.producer.get(sqrt.inputs[0])
+    if add is None or add.op != "Add" or len(add.inputs) != 2:
+        return None
+    for k in (0, 1):
+        eps = _scalar(graph.const(add.inputs[1 - k]))
+        mean = graph.producer.get(add.inputs[k])
+        if eps is None or not eps > 0 or mean is None:
+            continue
+        pow_ = graph.producer.get(mean.inputs[0]) if mean.inputs else None
+        if pow_ is None or pow_.op != "Pow" or pow_.inputs[0] != d or _scalar(graph.const(pow_.inputs[1])) != 2.0:
+            continue
+        shape = graph.shape(d)
+        axes = _axes(graph, mean, len(shape) if shape is not None else None)
+        if axes is None:
+            continue
+        nodes = [pow_, mean, add, sqrt]
+        centre = graph.producer.get(d)
+        if centre is not None and centre.op == "Sub" and len(centre.inputs) == 2:
+            x = centre.inputs[0]
+            mu = graph.producer.get(centre.inputs[1])
+            if mu is not None and mu.inputs and mu.inputs[0] == x and _axes(graph, mu, len(shape or ())) == axes \
+                    and _private(graph, [centre, mu, *nodes, *outer], user):
+                return x, [centre, mu, *nodes], eps, True
+        return (d, nodes, eps, False) if _private(graph, [*nodes, *outer], user) else None
+    return None
+
+
+def _rms_reciprocal(graph: Graph, value: str, d: str, user: Node) -> NormMatch | None:
+    """value = Reciprocal(denominator) or Div(1, denominator), see ``_rms_denominator``."""
+    node = graph.producer.get(value)
+    if node is None or node.domain:
+        return None
+    if node.op == "Reciprocal":
+        inner = node.inputs[0]
+    elif node.op == "Div" and len(node.inputs) == 2 and _scalar(graph.const(node.inputs[0])) == 1.0:
+        inner = node.inputs[1]
+    else:
+        return None
+    found = _rms_denominator(graph, inner, d, user, (node,))
+    if found is None:
+        return None
+    x, nodes, eps, centred = found
+    return x, [*nodes, node], eps, centred
+
+
+def _normalisation_outcome(ctx: Context, node: Node, pos: int, found: NormMatch, name: str) -> Outcome:
+    x, nodes, eps, _ = found
+    value = 1.0 / math.sqrt(eps)
+    row = _row(ctx, node, "normalization", value, "1/sqrt(eps)", data_in=x,
+               note=f"recognised {name} (eps={eps:g}) without its scale: 1/sqrt(eps), reached only on "
+                    "near-constant inputs (loose)")
+    factors = {k: (value if k == pos else 0.0) for k in range(len(node.inputs))}
+    return Outcome(factors=factors, row=row, sources={pos: x}, absorbs=[n.name for n in nodes])
+
+
+@rule("LayerNormalization", "RMSNormalization", "GroupNormalization", "InstanceNormalization")
+def normalization(ctx: Context, node: Node, data: list[int]) -> Outcome:
+    """LayerNormalization (opset 17), RMSNormalization (opset 23), GroupNormalization and
+    InstanceNormalization: max|scale| / sqrt(eps) (see the comment above: each normalises
+    groups of entries by their own standard deviation, then scales by constants)."""
+    if data != [0]:
+        return unbounded(f"{node.op} scale or bias depends on the input: not globally Lipschitz")
+    if any(out and ctx.graph.consumers.get(out) or out in ctx.graph.outputs for out in node.outputs[1:]):
+        return unbounded(f"{node.op}'s mean / inverse standard deviation outputs are used: not bounded")
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    if not eps > 0:
+        return unbounded(f"{node.op} with epsilon {eps:g} is not globally Lipschitz")
+    scale = ctx.graph.const(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
+    if scale is None:
+        return unbounded(f"{node.op} scale is not a known constant")
+    gamma = float(np.abs(scale.astype(np.float64)).max()) if scale.size else 0.0
+    # eps is stored as a float32 attribute: the runtime adds that float32 value
+    value = gamma / math.sqrt(float(np.float32(eps)))
+    row = _row(ctx, node, "normalization", value, "max|gamma|/sqrt(eps)", note=LOOSE)
+    return Outcome(factors={0: value}, row=row)
