@@ -299,3 +299,20 @@ def test_stored_matrices_carry_the_kind() -> None:
     assert row.sigma_upper is not None and row.sigma_upper >= exact_norm(w)
     rows, _ = tensor_rows({"layer.weight": w}, spectral.Settings(certify="exact"), [])
     assert rows[0].upper_kind == "certified" and rows[0].failure_probability is None
+
+
+@pytest.mark.parametrize("name,w", [m for m in _matrices() if m[0] in ("rank1", "rank3", "wall", "gauss200x200")],
+                         ids=["gauss200x200", "rank1", "rank3", "wall"])
+def test_the_device_loop_without_host_reads(name: str, w: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's schedule (breakdowns handled on the device between checks), run on the CPU:
+    the same soundness and tightness."""
+    from lipcheck.spectral import certify
+
+    host = krylov_upper_bound(w, spectral.Settings(certify="probabilistic"))
+    monkeypatch.setattr(certify, "_host_reads", lambda device: False)
+    exact = exact_norm(w)
+    for seed in range(4):
+        bound = krylov_upper_bound(w, spectral.Settings(certify="probabilistic", seed=seed))
+        assert bound is not None and exact <= bound.upper.value <= exact * (1 + PROB_MAX_SLACK)
+        assert bound.estimate.sigma == pytest.approx(exact, rel=1e-9)
+    assert host is not None and host.estimate.sigma == pytest.approx(exact, rel=1e-9)

@@ -505,36 +505,40 @@ def _krylov_one(w: torch.Tensor, settings: Settings, delta: float) -> tuple[floa
     want = lanczos_steps_for(n, delta)
     cap = min(n, max(PROB_MAX_STEPS, want))
     basis = torch.empty((cap, n), dtype=torch.float64, device=w.device)
-    proj = torch.zeros((cap, cap), dtype=torch.float64)
+    proj = torch.zeros((cap, cap), dtype=torch.float64, device=w.device)
     basis[0] = b
     k = 0
-    gen = torch.Generator().manual_seed(settings.seed + 1)
+    host = _host_reads(w.device)
+    gen = torch.Generator(device=w.device).manual_seed(settings.seed + 1)
     while True:
         z = op(basis[k])
         col, z = _orthogonalise(basis[: k + 1], z)
-        proj[: k + 1, k] = col.cpu()  # column k of H = QᵀAQ (the whole column, not just β, α)
-        proj[k, : k + 1] = proj[: k + 1, k].clone()
-        beta = float(torch.linalg.vector_norm(z))
+        proj[: k + 1, k] = col  # column k of H = QᵀAQ (the whole column, not just β, α)
+        proj[k, : k + 1] = col
+        beta_t = torch.linalg.vector_norm(z)
+        broke_t = beta_t <= BREAKDOWN * torch.linalg.vector_norm(col)
         k += 1
-        broke = beta <= BREAKDOWN * float(torch.linalg.vector_norm(col))
-        if k % PROB_CHECK and k < cap and k != want and not broke:
-            basis[k] = z / beta
+        check = not (k % PROB_CHECK and k < cap and k != want)
+        if not check and not host:
+            # no host read between checks on a GPU: the breakdown test is taken on the device
+            basis[k] = torch.where(broke_t, _fresh_direction(basis[:k], gen), z / beta_t.clamp_min(1e-300))
             continue
-        evals, evecs = torch.linalg.eigh(proj[:k, :k])
+        broke = bool(broke_t)
+        if not check and not broke:
+            basis[k] = z / beta_t
+            continue
+        beta = float(beta_t)
+        evals, evecs = torch.linalg.eigh(proj[:k, :k].cpu())
         theta = max(float(evals[-1]), 0.0)
         residual = 0.0 if broke else beta * abs(float(evecs[-1, -1]))
         converged = theta == 0.0 or residual <= 2 * settings.tol * theta
         if (k >= want and converged) or k >= cap:
             break
-        if broke:
-            # The Krylov space is invariant (to rounding): it equals the Krylov space of every
-            # larger dimension, so any space containing it has a top Ritz value at least the
-            # exact λ_k' the theorem speaks of. A fresh direction (seeded, orthogonalised)
-            # continues the run; rounding noise divided by a tiny β would not stay orthogonal.
-            fresh = torch.randn(n, generator=gen, dtype=torch.float64).to(w.device)
-            _, z = _orthogonalise(basis[:k], _orthogonalise(basis[:k], fresh)[1])
-            beta = float(torch.linalg.vector_norm(z))
-        basis[k] = z / beta
+        # After a breakdown the Krylov space is invariant (to rounding): it equals the Krylov
+        # space of every larger dimension, so any space containing it has a top Ritz value at
+        # least the exact λ_k' the theorem speaks of. A fresh direction (seeded, orthogonalised)
+        # continues the run; rounding noise divided by a tiny β would not stay orthogonal.
+        basis[k] = _fresh_direction(basis[:k], gen) if broke else z / beta
     eps = lanczos_epsilon(k, n, delta)
     if eps >= 1 or 1 / math.sqrt(1 - eps) - 1 > PROB_MAX_SLACK:
         return None
@@ -545,6 +549,19 @@ def _krylov_one(w: torch.Tensor, settings: Settings, delta: float) -> tuple[floa
     eta = 4 * (k + 2) * (n + 2) * UNIT_ROUNDOFF * lam / (1 - eps)
     upper = math.sqrt((lam + eta) / (1 - eps)) * CERT_SAFETY
     return est, upper, k, converged
+
+
+def _host_reads(device: torch.device) -> bool:
+    """Whether the Krylov loop may read scalars back every step (the CPU: they are free there);
+    on a GPU it reads them only at its checks, every PROB_CHECK steps."""
+    return device.type == "cpu"
+
+
+def _fresh_direction(basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A seeded random unit vector orthogonal to the rows of ``basis``."""
+    r = torch.randn(basis.shape[1], generator=gen, dtype=torch.float64, device=basis.device)
+    _, r = _orthogonalise(basis, r)
+    return r / torch.linalg.vector_norm(r)
 
 
 def _orthogonalise(basis: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
