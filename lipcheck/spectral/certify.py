@@ -364,9 +364,12 @@ def schur_upper_bound(fn: LinearMap, input_shape: Shape) -> Certificate:
 #
 # (The paper counts k matrix-vector products; taking k as the dimension of the space, one
 # less than the products it would allow, only makes δ larger.) With A = WᵀW (the smaller
-# side), σ_max(W) <= sqrt(λ_k / (1 - ε)) except with probability δ(k, n, ε). The power
-# method's bound in the same paper (Theorem 3.2, 0.824 sqrt(n) (1 - ε)^k roughly) decays
-# in k instead of sqrt(ε) k and is not used.
+# side), σ_max(W) <= sqrt(λ_k / (1 - ε)) except with probability δ(k, n, ε). (The paper's
+# bound for the power method decays like (1 - ε)^k rather than exp(-sqrt(ε) k) and is not
+# used.) The probability is over the start vector: ``start_vector`` draws a seeded Gaussian
+# and normalises it, which is uniform on the sphere. A fixed seed makes runs reproducible;
+# the guarantee then reads "for weights chosen without knowledge of the seed" (an adversary
+# who knows --seed could build a matrix this start misses).
 KW_CONSTANT = 1.648
 PROB_SLACK = 0.01  # steps are taken until the bound is within 1 % of the estimate
 PROB_MAX_SLACK = 0.05  # a bound looser than this (a short Krylov space) falls back to exact
