@@ -81,7 +81,8 @@ class SigmaMaxBound:
             a = a.mH  # the Gram matrix of the smaller side
         if a.numel() == 0:
             return
-        scale = float((torch.view_as_real(a) if a.is_complex() else a).abs().amax())
+        lo, hi = torch.aminmax(torch.view_as_real(a) if a.is_complex() else a)  # max |entry|, no |a| copy
+        scale = max(-float(lo), float(hi))
         if scale == 0.0:
             return
         a = a / scale  # entries <= 1: no overflow in the products; undone below
@@ -473,14 +474,20 @@ def krylov_upper_bound(weight: torch.Tensor, settings: Settings) -> DenseBound |
     if w64.numel() == 0:
         return DenseBound(Estimate(0.0, 0, True), Certificate(0.0, "cholesky"), "certified")
     mats = matrix_batch(w64)
-    scale = float(mats.abs().amax())
+    lo, hi = torch.aminmax(mats)  # no |W| copy: a 4096² float64 abs() alone costs ~0.1 s
+    scale = max(-float(lo), float(hi))
     if not math.isfinite(scale):
         return DenseBound(Estimate(math.nan, 0, False), Certificate(math.nan, "cholesky"), "certified")
     if scale == 0.0:
         return DenseBound(Estimate(0.0, 1, True), Certificate(0.0, "cholesky"), "certified")
+    # float64 only needs rescaling where products could overflow or underflow
+    if 1e-100 < scale < 1e100:
+        scale = 1.0
+    else:
+        mats = mats / scale
     delta_each = settings.failure_probability / mats.shape[0]
     best_est, best_upper, steps, converged = 0.0, 0.0, 0, True
-    for mat in mats / scale:
+    for mat in mats:
         one = _krylov_one(mat, settings, delta_each)
         if one is None:
             return None
@@ -496,7 +503,7 @@ def krylov_upper_bound(weight: torch.Tensor, settings: Settings) -> DenseBound |
 
 def _krylov_one(w: torch.Tensor, settings: Settings, delta: float) -> tuple[float, float, int, bool] | None:
     """(estimate, probabilistic upper bound, Krylov dimension, converged) of one float64
-    matrix scaled to max |entry| = 1; None when the bound cannot be made PROB_MAX_SLACK tight."""
+    matrix with entries of moderate size (no overflow in its products); None when the bound cannot be made PROB_MAX_SLACK tight."""
     tall = w.shape[0] >= w.shape[1]
     n = w.shape[1] if tall else w.shape[0]
 
