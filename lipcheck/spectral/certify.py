@@ -503,7 +503,8 @@ def krylov_upper_bound(weight: torch.Tensor, settings: Settings) -> DenseBound |
 
 def _krylov_one(w: torch.Tensor, settings: Settings, delta: float) -> tuple[float, float, int, bool] | None:
     """(estimate, probabilistic upper bound, Krylov dimension, converged) of one float64
-    matrix with entries of moderate size (no overflow in its products); None when the bound cannot be made PROB_MAX_SLACK tight."""
+    matrix with entries of moderate size (no overflow in its products); None when the bound
+    cannot be made PROB_MAX_SLACK tight."""
     tall = w.shape[0] >= w.shape[1]
     n = w.shape[1] if tall else w.shape[0]
 
