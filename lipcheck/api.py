@@ -73,6 +73,8 @@ def normalize(
     device: str = DEFAULTS.device,
     dtype: str = DEFAULTS.dtype,
     method: str = DEFAULTS.method,
+    certify: str = DEFAULTS.certify,
+    failure_probability: float = DEFAULTS.failure_probability,
     trust: bool = False,
     architecture: str | None = None,
 ) -> NormalizeResult:
@@ -84,7 +86,7 @@ def normalize(
     from .normalization import normalize as run_normalize
     from .pipeline import make_settings
 
-    settings = make_settings(Options(tol, max_iters, seed, device, dtype, method))
+    settings = make_settings(Options(tol, max_iters, seed, device, dtype, method, certify, failure_probability))
     return run_normalize(source, output, target=target, clip=clip, budget=budget, layers=layers,
                          exclude=exclude, in_place=in_place, force=force, input_shape=input_shape,
                          settings=settings, trust=trust, mode=mode, architecture=architecture)

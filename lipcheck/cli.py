@@ -374,7 +374,9 @@ def _is_report(path: Path) -> bool:
 
 
 def _report_or_model(path: Path, shape: str | None, tol: float, max_iters: int, seed: int, device: Device,
-                     dtype: DType, method: Method, trust: bool, progress: bool) -> dict:
+                     dtype: DType, method: Method, trust: bool, progress: bool,
+                     certify: Certify = Certify(DEFAULTS.certify),
+                     failure_probability: float = DEFAULTS.failure_probability) -> dict:
     """A lipcheck JSON report is read as it is; anything else is analysed as a model."""
     import json
 
@@ -389,7 +391,8 @@ def _report_or_model(path: Path, shape: str | None, tol: float, max_iters: int, 
             if isinstance(doc, dict) and "layers" in doc and "network" in doc:
                 return doc
             raise UsageError(f"{path} is JSON but not a single lipcheck inspect report")
-    return _analyze_all([path], shape, tol, max_iters, seed, device, dtype, method, trust, progress)[0]
+    return _analyze_all([path], shape, tol, max_iters, seed, device, dtype, method, trust, progress,
+                        certify=certify, failure_probability=failure_probability)[0]
 
 
 @app.command(cls=Command)
@@ -405,6 +408,8 @@ def diff(
     device: DeviceOpt = Device(DEFAULTS.device),
     dtype: DTypeOpt = DType(DEFAULTS.dtype),
     method: MethodOpt = Method(DEFAULTS.method),
+    certify: CertifyOpt = Certify(DEFAULTS.certify),
+    failure_probability: FailureProbOpt = DEFAULTS.failure_probability,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
 ) -> int:
@@ -415,9 +420,10 @@ def diff(
 
     _check_inputs(a, b)
     parse_shape(input_shape)
-    Options(tol, max_iters, seed, device.value, dtype.value, method.value)
+    Options(tol, max_iters, seed, device.value, dtype.value, method.value, certify.value, failure_probability)
     _check_report_path(output, [a, b])
-    docs = [_report_or_model(p, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress) for p in (a, b)]
+    docs = [_report_or_model(p, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
+                             certify, failure_probability) for p in (a, b)]
     result = compute_diff(docs[0], docs[1])
     if input_shape is None and not any(_is_report(p) for p in (a, b)):
         # Two checkpoints of weights: the norm of each matrix's change, read pair by pair.
@@ -427,7 +433,8 @@ def diff(
 
         wa, wb = weights_of(a, trust), weights_of(b, trust)
         if wa is not None and wb is not None:
-            settings = make_settings(Options(tol, max_iters, seed, device.value, dtype.value, method.value))
+            settings = make_settings(Options(tol, max_iters, seed, device.value, dtype.value, method.value,
+                                             certify.value, failure_probability))
             with progress_bar(progress and sys.stderr.isatty()) as callback:
                 result["updates"] = update_norms(wa, wb, settings, callback)  # type: ignore[arg-type]
     doc = json_safe(result)
@@ -481,6 +488,8 @@ def normalize(
     device: DeviceOpt = Device(DEFAULTS.device),
     dtype: DTypeOpt = DType(DEFAULTS.dtype),
     method: MethodOpt = Method(DEFAULTS.method),
+    certify: CertifyOpt = Certify(DEFAULTS.certify),
+    failure_probability: FailureProbOpt = DEFAULTS.failure_probability,
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
@@ -494,12 +503,13 @@ def normalize(
     if report is not None:
         check_report_path(report, model, output)
         _check_report_path(report, [model])
-    Options(tol, max_iters, seed, device.value, dtype.value, method.value)  # checked before torch loads
+    options = Options(tol, max_iters, seed, device.value, dtype.value, method.value, certify.value,
+                      failure_probability)  # checked before torch loads
     from .normalization import normalize as run_normalize
     from .pipeline import make_settings
     from .render import make_console, normalize_summary, normalize_table, progress_bar
 
-    settings = make_settings(Options(tol, max_iters, seed, device.value, dtype.value, method.value))
+    settings = make_settings(options)
     with progress_bar(progress and sys.stderr.isatty()) as callback:
         result = run_normalize(model, output, target=target, clip=clip, budget=budget, layers=layers,
                                exclude=exclude, in_place=in_place, force=force, input_shape=shape,

@@ -316,3 +316,19 @@ def test_the_device_loop_without_host_reads(name: str, w: torch.Tensor, monkeypa
         assert bound is not None and exact <= bound.upper.value <= exact * (1 + PROB_MAX_SLACK)
         assert bound.estimate.sigma == pytest.approx(exact, rel=1e-9)
     assert host is not None and host.estimate.sigma == pytest.approx(exact, rel=1e-9)
+
+
+def test_normalize_and_diff_take_the_certify_options(cli: Any, wide_mlp: Path, tmp_path: Path) -> None:
+    out = tmp_path / "normalized.onnx"
+    code, text, err = cli("normalize", wide_mlp, "-o", out, "--target", "0.5", "--certify", "probabilistic",
+                          "--failure-probability", "1e-6", "--no-progress")
+    assert code == 0, err
+    assert "network bound (probabilistic" in text
+    after = lipcheck.analyze(out, device="cpu", certify="exact").to_dict()
+    # certified afterwards: every rescaled layer is at its target up to the bound's slack
+    for r in after["layers"]:
+        if r["op"] == "Gemm":
+            assert r["sigma_upper"] <= 0.5 * (1 + 1e-6)
+    code, text, err = cli("diff", wide_mlp, out, "--certify", "probabilistic", "-f", "json", "--no-progress")
+    assert code == 0, err
+    assert json.loads(text)["a"]
