@@ -377,6 +377,8 @@ PROB_MAX_SLACK = 0.05  # a bound looser than this (a short Krylov space) falls b
 PROB_MAX_STEPS = 512  # Krylov basis cap (vectors of the smaller side, float64)
 PROB_CHECK = 8  # steps between Ritz checks
 BREAKDOWN = 1e-8  # a residual this small against the step's projection: the Krylov space closed
+FUSED_BLOCK_BYTES = 1 << 20  # rows of W per block of the fused WᵀW x on a CPU (cache-sized)
+FUSED_MIN_BYTES = 1 << 24  # below this W stays in cache anyway: two plain products
 # auto: the exact certificate (Gram m n² + Cholesky n³/3, BLAS-3) is chosen while it costs
 # less than the Krylov run (2 m n flops per step, memory-bound): measured on 2 CPU cores, a
 # float64 matrix-vector flop costs about this many BLAS-3 flops (1.3 s for 100 Lanczos
@@ -508,7 +510,18 @@ def _krylov_one(w: torch.Tensor, settings: Settings, delta: float) -> tuple[floa
     tall = w.shape[0] >= w.shape[1]
     n = w.shape[1] if tall else w.shape[0]
 
+    rows = max(1, FUSED_BLOCK_BYTES // (8 * w.shape[1]))
+    fused = tall and w.device.type == "cpu" and w.numel() * 8 > FUSED_MIN_BYTES and rows < w.shape[0]
+
     def op(x: torch.Tensor) -> torch.Tensor:
+        if fused:
+            # WᵀW x = Σ_i W_iᵀ (W_i x) over blocks of rows: each block is read from memory once
+            # and used twice while in cache (a third less time than two passes over W on a CPU)
+            z = torch.zeros_like(x)
+            for i in range(0, w.shape[0], rows):
+                block = w[i : i + rows]
+                z.addmv_(block.T, block @ x)
+            return z
         return w.T @ (w @ x) if tall else w @ (w.T @ x)
 
     # the theorem needs b uniform on the sphere: a normalised Gaussian, drawn in float64
