@@ -302,6 +302,18 @@ def measure_conv(ctx: Context, node: Node, data: list[int], weight_override: np.
         row.note = "input size unknown: size-independent upper bound, no estimate (pass --input-shape)"
         return Outcome(factors={0: cert.value}, row=row)
 
+    if not transposed and sel is None and any(k > 1 for k in kernel):
+        # small per-group blocks (depthwise convs on small feature maps): exact, no iteration
+        explicit = spectral.conv_explicit_bounds(weight.to(ctx.settings.device), spatial, strides, dilations,
+                                                 groups, conv_pads)
+        if explicit is not None:
+            exact, cert = explicit
+            row.sigma, row.iterations, row.converged = exact.sigma, exact.iterations, exact.converged
+            row.sigma_upper = row.lipschitz = cert.value
+            row.upper_method = cert.method
+            return Outcome(factors={0: cert.value}, est_factors={0: exact.sigma}, row=row, sources=sources,
+                           absorbs=absorbs)
+
     est_shape = (1, weight.shape[0] if transposed else weight.shape[1] * groups, *spatial)
     wrap = None
     if sel:

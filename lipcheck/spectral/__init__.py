@@ -27,6 +27,7 @@ from .certify import (
     Certificate,
     DenseBound,
     SigmaMaxBound,
+    conv_explicit_bounds,
     conv_fft_upper_bound,
     conv_reshape_upper_bound,
     dense_bound,
@@ -39,7 +40,7 @@ from .certify import (
     strided_conv_upper_bound,
 )
 from .estimate import Estimate, conv_estimate, matrix_estimate, operator_estimate, start_vector
-from .maps import LinearMap, Shape, conv_forward, matrix_batch, pad_forward, pad_multiplicity
+from .maps import LinearMap, Shape, conv_forward, conv_group_matrices, matrix_batch, pad_forward, pad_multiplicity
 from .settings import CERTIFY_MODES, METHODS, Settings, resolve_device
 
 __all__ = [
@@ -55,7 +56,9 @@ __all__ = [
     "Shape",
     "SigmaMaxBound",
     "conv_estimate",
+    "conv_explicit_bounds",
     "conv_forward",
+    "conv_group_matrices",
     "conv_fft_upper_bound",
     "conv_reshape_upper_bound",
     "dense_bound",

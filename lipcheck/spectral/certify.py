@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .estimate import Estimate, matrix_estimate, start_vector
-from .maps import LinearMap, Shape, matrix_batch
+from .maps import LinearMap, Shape, conv_group_matrices, conv_out_len, matrix_batch
 from .settings import Settings
 
 # Certificates are computed in float64. Rounding in a float64 matmul/FFT chain of
@@ -32,6 +32,11 @@ CERT_EIG_BATCH = 4  # exact top eigenvalues computed per failed round
 CERT_POWER_STEPS = 8  # batched power steps for the first candidate
 FREQ_CHUNK_BYTES = 1 << 25  # kernel-DFT matrices held at once by the FFT certificate
 GRAM_MAX_STEPS = 14  # squarings of the Gram-iteration fallback
+# Convs whose per-group explicit matrices are this small are measured exactly
+# (conv_explicit_bounds): the Gram side, the flops of all groups, the bytes of one batch.
+EXPLICIT_MAX_SIDE = 1024
+EXPLICIT_MAX_FLOPS = 3e9
+EXPLICIT_CHUNK_BYTES = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -333,6 +338,55 @@ def conv_reshape_upper_bound(weight: torch.Tensor, groups: int) -> Certificate:
     tall = wg.permute(0, 3, 1, 2).reshape(groups, taps * (rows // groups), cols_g)
     best = min(gram_upper_bound(wide).value, gram_upper_bound(tall).value)
     return Certificate(math.sqrt(taps) * best, "reshape-sqrt-taps")
+
+
+def conv_explicit_bounds(
+    weight: torch.Tensor, spatial: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+    groups: int, pads: Sequence[tuple[int, int]],
+) -> tuple[Estimate, Certificate] | None:
+    """The norm of a (grouped, strided, dilated) zero-padded conv on an input of size
+    ``spatial`` from its explicit matrices, when they are small; None when they are not.
+
+    A grouped conv is block-diagonal, so its norm is the max over groups of each block's
+    norm: each block (a depthwise conv's is a single-channel conv on one feature map) is
+    built explicitly (``conv_group_matrices``) and its Gram matrix of the smaller side
+    diagonalised (float64 ``eigvalsh``). The estimate is the top eigenvalue less its rounding
+    margin (a lower bound on the true norm), the certificate that value proven by Cholesky
+    (``SigmaMaxBound``): both are exact to about 1e-7, where the FFT certificate of a small
+    feature map can be several times the true norm. Used only when every group is cheap
+    (EXPLICIT_MAX_SIDE, EXPLICIT_MAX_FLOPS, EXPLICIT_CHUNK_BYTES).
+    """
+    w = weight.detach().to(torch.float64)
+    d = w.ndim - 2
+    if w.numel() == 0 or not bool(torch.isfinite(w).all()):
+        return None
+    out = [conv_out_len(spatial[i], pads[i], w.shape[2 + i], stride[i], dilation[i]) for i in range(d)]
+    n_in = w.shape[1] * math.prod(spatial)
+    n_out = (w.shape[0] // groups) * math.prod(out)
+    side = min(n_in, n_out)
+    group_bytes = 8 * n_in * (n_in + n_out)
+    if side == 0 or side > EXPLICIT_MAX_SIDE or group_bytes > EXPLICIT_CHUNK_BYTES:
+        return None
+    if groups * (n_in * n_out * side + 10 * side**3) > EXPLICIT_MAX_FLOPS:
+        return None
+    lower = 0.0
+    upper = 0.0
+    for mats in conv_group_matrices(w, spatial, stride=stride, dilation=dilation, groups=groups, pads=pads,
+                                    chunk=max(1, EXPLICIT_CHUNK_BYTES // group_bytes)):
+        scale = float(mats.abs().amax())
+        if scale == 0.0:
+            continue
+        a = mats / scale
+        g = a @ a.mT if a.shape[-2] < a.shape[-1] else a.mT @ a
+        tr_max = float(torch.diagonal(g, dim1=-2, dim2=-1).sum(-1).max())
+        top = float(torch.linalg.eigvalsh(g)[:, -1].max())
+        # the Gram matrix's rounding (2(m+2)u tr) and eigvalsh's backward error (a small
+        # multiple of n u ||G||, ||G|| <= tr) taken off: what is left is below lambda_max
+        margin = 8 * (a.shape[-2] + a.shape[-1] + 2) * UNIT_ROUNDOFF * tr_max
+        chunk_lower = math.sqrt(max(top - margin, 0.0)) * scale
+        lower = max(lower, chunk_lower)
+        upper = max(upper, gram_upper_bound(mats, chunk_lower).value)
+    return Estimate(lower, 1, True), Certificate(upper, "explicit")
 
 
 # --------------------------------------------------------------------------- non-negative maps

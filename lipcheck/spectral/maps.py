@@ -3,7 +3,8 @@ input, how many times a padding copies one input, and batches of matrices."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +101,34 @@ def conv_forward(
         return conv(padder(x), w, stride=tuple(stride), dilation=tuple(dilation), groups=groups)
 
     return apply
+
+
+def conv_out_len(length: int, pads: tuple[int, int], kernel: int, stride: int, dilation: int) -> int:
+    """Output length of a zero-padded conv along one axis (0 when the kernel does not fit)."""
+    span = (kernel - 1) * dilation + 1
+    return max((length + pads[0] + pads[1] - span) // stride + 1, 0)
+
+
+def conv_group_matrices(weight: torch.Tensor, spatial: Sequence[int], *, stride: Sequence[int],
+                        dilation: Sequence[int], groups: int, pads: Sequence[tuple[int, int]],
+                        chunk: int) -> Iterator[torch.Tensor]:
+    """The explicit matrices of a grouped, zero-padded conv on an input of size ``spatial``:
+    one (out_g, in_g) block per group (in_g = in-channels per group x prod(spatial)), in
+    batches of at most ``chunk`` groups, float64 on the weight's device.
+
+    The conv is block-diagonal over groups, so these blocks are the whole operator. Each
+    batch is one conv call on the identity: input j of the batch is the j-th unit vector of
+    one group's input, repeated in every group's channels, and output j is column j of every
+    block at once.
+    """
+    w = weight.detach().to(torch.float64)
+    cin_g = w.shape[1]
+    cout_g = w.shape[0] // groups
+    n_in = cin_g * math.prod(spatial)
+    eye = torch.eye(n_in, dtype=torch.float64, device=w.device).reshape(n_in, cin_g, *spatial)
+    for first in range(0, groups, chunk):
+        count = min(chunk, groups - first)
+        kern = w[first * cout_g : (first + count) * cout_g]
+        fn = conv_forward(kern, stride=stride, dilation=dilation, groups=count, pads=pads)
+        y = fn(eye.repeat(1, count, *([1] * len(spatial))))  # (n_in, count * cout_g, *out)
+        yield y.reshape(n_in, count, -1).permute(1, 2, 0)
