@@ -194,6 +194,11 @@ def _check_positive(**values: float | None) -> None:
 
 def _check_normalize_output(source: Path, output: Path, *, in_place: bool, force: bool) -> None:
     """The checks lipcheck.normalization.check_output_path makes again once torch is loaded."""
+    if source.is_dir() or source.name.endswith(".index.json"):
+        from .normalization import _check_folder_output  # a model folder is written to a folder
+
+        _check_folder_output(source, output, force=force)
+        return
     same = output.exists() and os.path.samefile(source, output)
     if same and not in_place:
         raise UsageError(f"refusing to overwrite the input {source}; pass --in-place to do that")

@@ -147,6 +147,13 @@ def _tensor_weights(analysis: Analysis) -> dict[str, WeightRef]:
             out[row.name] = WeightRef(sn[row.name].u, "divide-u")
             continue
         key = f"{row.name}.weight" if f"{row.name}.weight" in tensors else row.name
+        if key not in tensors and row.name.endswith("]"):
+            from .formats.safetensors_write import split_key
+
+            base, index = split_key(row.name)  # one expert of a fused [E, out, in] tensor
+            if index is not None and base in tensors:
+                out[row.name] = WeightRef(row.name, "scale")
+                continue
         out[row.name] = WeightRef(key, "scale") if key in tensors else WeightRef(None, why="no tensor of that name")
     return out
 
@@ -167,6 +174,8 @@ def plan(analysis: Analysis, *, target: float | None, clip: bool, budget: float 
                              node=(ref.node, ref.slot) if ref.node is not None and ref.slot is not None else None)
         if not _selected(row.name, layers, exclude):
             change.skipped = "not selected"
+        elif row.kind == "embedding" and not layers:
+            change.skipped = "not selected: an embedding (a lookup table, not a linear map); select it with --layers"
         elif ref.why:
             change.skipped = f"{CANNOT} {ref.why}"
         elif row.lipschitz is None or not math.isfinite(row.lipschitz):
@@ -267,6 +276,8 @@ def _rewrite_of(changes: list[LayerChange]) -> Rewrite:
             out.muls[c.node] = c.scale
         else:
             out.scales[c.weight] = c.scale
+            if c.target is not None:
+                out.caps[c.weight] = c.target
     return out
 
 
@@ -399,6 +410,9 @@ def _parametrize(module: nn.Module, changes: list[LayerChange], modules: dict[st
 
 
 def check_output_path(source: Path, output: Path, *, in_place: bool, force: bool) -> None:
+    if source.is_dir() or source.name.endswith(".index.json"):
+        _check_folder_output(source, output, force=force)
+        return
     same = output.exists() and source.exists() and os.path.samefile(source, output)
     if same and not in_place:
         raise UsageError(f"refusing to overwrite the input {source}; pass --in-place to do that")
@@ -409,6 +423,23 @@ def check_output_path(source: Path, output: Path, *, in_place: bool, force: bool
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"cannot write {output}: folder {folder} does not exist")
+
+
+def _check_folder_output(source: Path, output: Path, *, force: bool) -> None:
+    """A model folder is written to a new folder (written beside it under a temp name and
+    renamed at the end); never into or over the input, never over a file."""
+    folder = (source if source.is_dir() else source.parent).resolve()
+    target = output.resolve()
+    if target == folder or folder in target.parents or target in folder.parents:
+        raise UsageError(f"refusing to write the model folder {source} into itself or over a folder "
+                         f"holding it ({output}); give a new folder")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output} exists and is not a folder; a model folder is written to a folder")
+    if output.exists() and not force:
+        raise UsageError(f"{output} exists; pass --force to replace it")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {output}: folder {parent} does not exist")
 
 
 def normalize(

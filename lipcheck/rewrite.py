@@ -23,6 +23,9 @@ class Rewrite:
     scales: dict[str, float] = field(default_factory=dict)  # stored tensor -> factor
     sn_layers: dict[str, float] = field(default_factory=dict)  # SN layer path -> factor on W
     muls: dict[tuple[int, int], float] = field(default_factory=dict)  # (node, input) -> Mul factor
+    # stored matrix (or one expert of a fused tensor, "name[e]") -> the norm it must have at
+    # most *as stored*, after rounding to its dtype (the safetensors writer re-measures it)
+    caps: dict[str, float] = field(default_factory=dict)
 
     def tensor_scales(self, tensors: Mapping[str, Any]) -> dict[str, float]:
         """Stored tensor -> factor, the spectrally normalized layers resolved against the

@@ -263,7 +263,18 @@ def save_scaled(loaded: Loaded, source: Path, output: Path, rewrite: Rewrite, *,
 
         save_torch(loaded.format, source, output, rewrite, trust)
         return
+    if loaded.format is Kind.SAFETENSORS and loaded.tensors is not None:
+        from .safetensors_write import save_safetensors
+
+        save_safetensors(source, output, rewrite)
+        return
+    if loaded.format is Kind.CHECKPOINT_FOLDER and loaded.tensors is not None:
+        from .safetensors_write import save_folder
+
+        save_folder(loaded.tensors, source, output, rewrite, force=True)
+        return
     from ..errors import UsageError
 
     raise UsageError(f"normalize cannot write the {loaded.format.value} format yet (ONNX, TorchScript, "
-                     "torch.save checkpoints and pickled modules are supported)")
+                     "torch.save checkpoints, pickled modules, safetensors files and model folders of "
+                     "safetensors shards are supported)")
