@@ -7,6 +7,7 @@ torch, onnx and rich are imported inside the commands, never at module level, so
 from __future__ import annotations
 
 import enum
+import math
 import os
 import sys
 from pathlib import Path
@@ -312,7 +313,9 @@ def check(
     models: ModelsArg,
     max_lipschitz: Annotated[float | None, typer.Option("--max-lipschitz", metavar="L", help="Fail when the network bound is above this (or there is none).")] = None,
     max_layer_sigma: Annotated[float | None, typer.Option("--max-layer-sigma", metavar="SIGMA", help="Fail when any layer's sigma is above this.")] = None,
-    baseline: Annotated[Path | None, typer.Option("--baseline", metavar="REPORT", help="An earlier `inspect --format json` report to compare against.")] = None,
+    baseline: Annotated[Path | None, typer.Option("--baseline", metavar="REPORT|CHECKPOINT", help="An earlier `inspect --format json` report to compare against; with --max-delta-sigma or --max-relative-delta, the earlier checkpoint (file or model folder) whose weights the update norms are taken from.")] = None,
+    max_delta_sigma: Annotated[float | None, typer.Option("--max-delta-sigma", metavar="X", help="With --baseline CHECKPOINT: fail when a matrix's update sigma(W - W_baseline) (certified upper bound) is above X.")] = None,
+    max_relative_delta: Annotated[float | None, typer.Option("--max-relative-delta", metavar="X", help="With --baseline CHECKPOINT: fail when a matrix's sigma(W - W_baseline) / sigma(W_baseline) (an upper bound on it) is above X, e.g. 0.05.")] = None,
     max_increase: Annotated[str, typer.Option("--max-increase", metavar="PCT", help="With --baseline: allowed growth of the bound and of each layer, e.g. 10%.")] = "0%",
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="With --baseline: compare the layers found on both sides by name and pass when some are on one side only (by default such a layer fails the gate).")] = False,
     bound: Annotated[str, typer.Option("--bound", metavar="certified|estimate", help="certified (upper bounds, the default) or estimate (power iteration, lower bounds).")] = "certified",
@@ -338,20 +341,37 @@ def check(
     if max_lipschitz is None and max_layer_sigma is None and baseline is None:
         raise UsageError("check needs at least one rule: --max-lipschitz, --max-layer-sigma or --baseline")
     _check_positive(max_lipschitz=max_lipschitz, max_layer_sigma=max_layer_sigma)
+    updates_gated = max_delta_sigma is not None or max_relative_delta is not None
+    if updates_gated:
+        if baseline is None:
+            raise UsageError("--max-delta-sigma and --max-relative-delta need --baseline CHECKPOINT "
+                             "(the earlier weights the update is measured from)")
+        for flag, value in (("--max-delta-sigma", max_delta_sigma), ("--max-relative-delta", max_relative_delta)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{flag} must be a non-negative number, got {value}")
+        if not baseline.exists():
+            raise UsageError(f"--baseline {baseline} does not exist")
+        if _is_report(baseline):
+            raise UsageError(f"--baseline {baseline} is a JSON report; update norms need the earlier "
+                             "checkpoint's weights (a safetensors/torch file or a model folder)")
     if bound not in ("certified", "estimate"):
         raise UsageError(f"--bound must be certified or estimate, got '{bound}'")
     increase = gate.parse_increase(max_increase)
-    if baseline is not None and not baseline.is_file():
+    if baseline is not None and not updates_gated and not baseline.is_file():
         raise UsageError(f"--baseline {baseline} does not exist")
     _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
                         architecture, certify=certify, failure_probability=failure_probability)
     results = []
     for doc in docs:
-        base = gate.load_baseline(baseline, doc["model"]["path"]) if baseline is not None else None
+        base = gate.load_baseline(baseline, doc["model"]["path"]) if baseline is not None and not updates_gated else None
         results += gate.evaluate(doc, max_lipschitz=max_lipschitz, max_layer_sigma=max_layer_sigma,
                                  baseline=base, max_increase=increase, bound=bound,
                                  allow_unmatched=allow_unmatched, require_certified=require_certified)
+        if updates_gated:
+            assert baseline is not None
+            results += _update_gates(Path(doc["model"]["path"]), baseline, max_delta_sigma, max_relative_delta,
+                                     allow_unmatched, trust, seed, tol, max_iters)
     if format is OutputFormat.table:
         from .render import check_table
 
@@ -369,6 +389,24 @@ def check(
     for r in failed:
         print(f"lipcheck: gate failed: {r.model}: {r.rule}: {r.message}", file=sys.stderr)
     return EXIT_GATE_FAILED if failed else EXIT_OK
+
+
+def _update_gates(model: Path, baseline: Path, max_delta_sigma: float | None, max_relative_delta: float | None,
+                  allow_unmatched: bool, trust: bool, seed: int, tol: float, max_iters: int) -> list:
+    """The update-norm rules of ``model`` against the checkpoint ``baseline`` (lipcheck.updates)."""
+    from . import spectral, updates
+
+    a, b = updates.weights_of(baseline, trust), updates.weights_of(model, trust)
+    if a is None or b is None:
+        raise UsageError(f"update norms need stored weights on both sides; "
+                         f"{baseline if a is None else model} is a graph (ONNX): compare the checkpoints")
+    import torch
+
+    # float64: sigma_a must be a lower bound of sigma(W_baseline) for the relative bound to hold
+    settings = spectral.Settings(tol=tol, max_iters=max_iters, seed=seed, dtype=torch.float64)
+    rows = updates.update_norms(a, b, settings)
+    return updates.update_rules(str(model), str(baseline), a, b, rows, max_delta_sigma=max_delta_sigma,
+                                max_relative_delta=max_relative_delta, allow_unmatched=allow_unmatched)
 
 
 def _is_report(path: Path) -> bool:

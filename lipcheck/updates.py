@@ -66,3 +66,76 @@ def weights_of(path: Path, trust: bool) -> Mapping[str, torch.Tensor] | None:
 
     loaded = load(path, trust=trust)
     return loaded.tensors if loaded.onnx_model is None else None
+
+
+def _is_matrix(key: str, t: torch.Tensor) -> bool:
+    return t.is_floating_point() and (t.ndim == 2 or (t.ndim == 3 and "experts" in key.split(".")))
+
+
+def update_rules(model: str, baseline: str, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                 updates: list[dict[str, Any]], *, max_delta_sigma: float | None,
+                 max_relative_delta: float | None, allow_unmatched: bool = False) -> list[Any]:
+    """Gate verdicts (:class:`lipcheck.gate.RuleResult`) on the update norms of ``b`` (the
+    model) against ``a`` (the baseline checkpoint).
+
+    Both rules use upper bounds, so a pass is a guarantee: ``delta_sigma_upper`` is the
+    Cholesky certificate of sigma(W_B - W_A) (certified), and the relative change is
+    ``delta_sigma_upper / sigma_a`` with ``sigma_a`` the Lanczos/power estimate of
+    sigma(W_A), a lower bound, so the quotient is at least the true ratio."""
+    from .gate import RuleResult, _names, _over
+
+    out: list[RuleResult] = []
+    only_new = [k for k in b if k not in a and _is_matrix(k, b[k])]
+    only_old = [k for k in a if k not in b and _is_matrix(k, a[k])]
+    reshaped = [k for k in b if k in a and _is_matrix(k, b[k]) and a[k].shape != b[k].shape]
+    text = f"{len(updates)} matrices compared with the baseline checkpoint {baseline}"
+    parts = ([f"not in the baseline: {_names(only_new)}"] if only_new else []) + (
+        [f"missing from the model: {_names(only_old)}"] if only_old else []) + (
+        [f"shape changed: {_names(reshaped)}"] if reshaped else [])
+    if not updates:
+        out.append(RuleResult(model, "update-match", False, 0, None,
+                              f"no matrix to compare with the baseline checkpoint {baseline}"
+                              + (f"; {'; '.join(parts)}" if parts else "")))
+        return out
+    if parts:
+        extra = " (allowed by --allow-unmatched)" if allow_unmatched else \
+            " (pass --allow-unmatched to gate only the matrices on both sides)"
+        out.append(RuleResult(model, "update-match", allow_unmatched, len(updates), None,
+                              f"{text}; {'; '.join(parts)}{extra}"))
+    else:
+        out.append(RuleResult(model, "update-match", True, len(updates), None, text))
+    rules: list[tuple[str, float, str]] = []
+    if max_delta_sigma is not None:
+        rules.append(("max-delta-sigma", max_delta_sigma, "sigma(W - W_baseline)"))
+    if max_relative_delta is not None:
+        rules.append(("max-relative-delta", max_relative_delta, "sigma(W - W_baseline) / sigma(W_baseline)"))
+    for rule, limit, what in rules:
+        worst: tuple[float, str] | None = None
+        failed = False
+        for u in updates:
+            upper = u.get("delta_sigma_upper")
+            if rule == "max-relative-delta":
+                base = u.get("sigma_a")
+                if upper is not None and base == 0:
+                    value: float | None = 0.0 if upper == 0 else math.inf
+                else:
+                    value = upper / base if upper is not None and base else None
+            else:
+                value = upper
+            if value is None or math.isnan(value):
+                failed = True
+                out.append(RuleResult(model, rule, False, None, limit,
+                                      f"matrix {u['name']}: no finite update norm (NaN or Inf in a weight)",
+                                      u["name"]))
+            elif value > limit:
+                failed = True
+                out.append(RuleResult(model, rule, False, value, limit,
+                                      f"matrix {u['name']}: the certified upper bound {value:.6g} on {what} "
+                                      f"is above {limit:.6g}: {_over(value, limit)} [certified]", u["name"]))
+            elif worst is None or value > worst[0]:
+                worst = (value, u["name"])
+        if not failed and worst is not None:
+            out.append(RuleResult(model, rule, True, worst[0], limit,
+                                  f"largest certified upper bound on {what}: {worst[0]:.6g} ({worst[1]}) "
+                                  f"<= {limit:.6g} [certified]"))
+    return out
