@@ -222,11 +222,38 @@ def test_bad_inputs_exit_2_nothing_written(tmp_path: Path, cli: Cli) -> None:
     assert not out.exists() and not list(tmp_path.glob(".*lipcheck-tmp"))
 
 
-def test_bin_folder_refused_clearly(tmp_path: Path, cli: Cli) -> None:
+@pytest.mark.parametrize("sharded", [False, True])
+def test_bin_folder_written_with_torch_save(tmp_path: Path, cli: Cli, sharded: bool) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    torch.save({"layer.weight": 3 * torch.randn(8, 8, generator=_gen(0))}, src / "pytorch_model.bin")
+    g = _gen(0)
+    shards = [{"model.embed_tokens.weight": torch.randn(20, 8, generator=g).to(torch.bfloat16),
+               "layers.0.weight": (3 * torch.randn(8, 8, generator=g)).to(torch.bfloat16),
+               "layers.0.norm.weight": torch.ones(8)},
+              {"layers.1.weight": (3 * torch.randn(12, 8, generator=g)),
+               "lm_head.weight": torch.randn(20, 8, generator=g)}]
+    if sharded:
+        weight_map = {}
+        for k, tensors in enumerate(shards, 1):
+            name = f"pytorch_model-{k:05d}-of-00002.bin"
+            torch.save(tensors, src / name)
+            weight_map.update({t: name for t in tensors})
+        (src / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        torch.save({k: v for s in shards for k, v in s.items()}, src / "pytorch_model.bin")
+    (src / "config.json").write_text("{}")
     out = tmp_path / "out"
-    code, _, err = cli("normalize", src, "-o", out)
-    assert code == 2 and ".bin" in err
-    assert not out.exists() and not list(tmp_path.glob(".*lipcheck-tmp"))
+    code, _, err = cli("normalize", src, "-o", out, "--target", "1")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    for name in [p.name for p in src.glob("*.bin")]:
+        before = torch.load(src / name, weights_only=True)
+        after = torch.load(out / name, weights_only=True)
+        assert list(before) == list(after)
+        for key, t in before.items():
+            assert after[key].dtype == t.dtype
+            if t.ndim == 2 and "embed" not in key:
+                assert sigma(after[key]) <= 1.0
+            else:
+                assert torch.equal(after[key], t)
+    assert not list(tmp_path.glob(".*lipcheck-tmp"))

@@ -127,10 +127,7 @@ def save_folder(loaded_tensors: Mapping[str, torch.Tensor], source: Path, output
     for key, parts in todo.items():
         shard = loaded_tensors.where[key]
         by_shard.setdefault(id(shard), (shard, {}))[1][key] = parts
-    for shard, _ in by_shard.values():
-        if not isinstance(shard, SafetensorsFile):
-            raise UsageError("normalize writes model folders of safetensors shards; this folder's .bin shards "
-                             "are not written yet (convert them to safetensors first)")
+    bin_names = _bin_shard_names(folder, source, by_shard)
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"cannot write {output}: folder {parent} does not exist")
@@ -143,11 +140,13 @@ def save_folder(loaded_tensors: Mapping[str, torch.Tensor], source: Path, output
     try:
         shutil.copytree(folder, tmp, symlinks=True, dirs_exist_ok=True,
                         ignore=lambda d, names: [n for n in names if n.endswith(".lipcheck-tmp")])
-        for shard, keys in by_shard.values():
-            assert isinstance(shard, SafetensorsFile)
-            rel = shard.path.resolve().relative_to(folder.resolve())
-            with (tmp / rel).open("r+b") as fh:
-                _write_file(shard, fh, rewrite, keys)
+        for shard_id, (shard, keys) in by_shard.items():
+            if isinstance(shard, SafetensorsFile):
+                rel = shard.path.resolve().relative_to(folder.resolve())
+                with (tmp / rel).open("r+b") as fh:
+                    _write_file(shard, fh, rewrite, keys)
+            else:
+                _write_bin(folder / bin_names[shard_id], tmp / bin_names[shard_id], rewrite, keys)
         for name in INDEX_NAMES:
             if (folder / name).is_file():
                 _fresh_index(folder / name, tmp / name, loaded_tensors)
@@ -164,6 +163,44 @@ def save_folder(loaded_tensors: Mapping[str, torch.Tensor], source: Path, output
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bin_shard_names(folder: Path, source: Path,
+                     by_shard: Mapping[int, tuple[Mapping[str, torch.Tensor], dict[str, dict[int | None, float]]]]
+                     ) -> dict[int, str]:
+    """The file name of each ``.bin`` shard that holds a rescaled tensor (from the index, or
+    the folder's single ``pytorch_model.bin``)."""
+    from .checkpoint_folder import _read_index
+
+    index = source if source.name.endswith(".index.json") else folder / "pytorch_model.bin.index.json"
+    weight_map = _read_index(index) if index.is_file() else {}
+    out = {}
+    for shard_id, (shard, keys) in by_shard.items():
+        if isinstance(shard, SafetensorsFile):
+            continue
+        name = weight_map.get(next(iter(keys)), "pytorch_model.bin")
+        if not (folder / name).is_file():
+            raise UsageError(f"cannot find the .bin shard holding {next(iter(keys))} in {folder}")
+        out[shard_id] = name
+    return out
+
+
+def _write_bin(source: Path, output: Path, rewrite: Rewrite, keys: dict[str, dict[int | None, float]]) -> None:
+    """A ``.bin`` shard written again with ``torch.save``: the same dict, keys in the same
+    order, every other tensor as it was (read memory-mapped)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    for key, parts in keys.items():
+        match = [k for k in obj if str(k) == key]
+        if len(match) != 1:
+            raise InputError(f"{source}: tensor '{key}' not found once in the shard")
+        obj[match[0]] = _new_tensor(key, obj[match[0]], parts, rewrite, str(source))
+    tmp = output.with_name(output.name + ".lipcheck-part")
+    torch.save(obj, tmp)
+    os.replace(tmp, output)
 
 
 def _fresh_index(index: Path, out: Path, tensors: Mapping[str, torch.Tensor]) -> None:
