@@ -56,6 +56,7 @@ class LayerChange:
     # inserted before the layer reads it).
     rewrite: str | None = None
     node: tuple[int, int] | None = field(default=None, repr=False)  # "mul-node": (node index, input)
+    estimate: float | None = field(default=None, repr=False)  # the row's sigma before (a lower estimate)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class NormalizeResult:
             "after": self.after.to_dict() if self.after else None,
             "output": self.output,
             "budget": self.budget,
-            "layers": [{k: v for k, v in asdict(c).items() if k != "node"} for c in self.changes],
+            "layers": [{k: v for k, v in asdict(c).items() if k not in ("node", "estimate")} for c in self.changes],
             "ok": self.ok,
             "failures": list(self.failures),
         })
@@ -171,7 +172,8 @@ def plan(analysis: Analysis, *, target: float | None, clip: bool, budget: float 
             continue
         ref = weights[row.name]
         change = LayerChange(row.name, row.op, ref.key, row.lipschitz, None, None, rewrite=ref.how,
-                             node=(ref.node, ref.slot) if ref.node is not None and ref.slot is not None else None)
+                             node=(ref.node, ref.slot) if ref.node is not None and ref.slot is not None else None,
+                             estimate=row.sigma)
         if not _selected(row.name, layers, exclude):
             change.skipped = "not selected"
         elif row.kind == "embedding" and not layers:
@@ -278,6 +280,8 @@ def _rewrite_of(changes: list[LayerChange]) -> Rewrite:
             out.scales[c.weight] = c.scale
             if c.target is not None:
                 out.caps[c.weight] = c.target
+            if c.estimate is not None:
+                out.estimates[c.weight] = c.estimate
     return out
 
 

@@ -26,6 +26,8 @@ class Rewrite:
     # stored matrix (or one expert of a fused tensor, "name[e]") -> the norm it must have at
     # most *as stored*, after rounding to its dtype (the safetensors writer re-measures it)
     caps: dict[str, float] = field(default_factory=dict)
+    # stored matrix -> a lower estimate of its norm before scaling (the certificate's first candidate)
+    estimates: dict[str, float] = field(default_factory=dict)
 
     def tensor_scales(self, tensors: Mapping[str, Any]) -> dict[str, float]:
         """Stored tensor -> factor, the spectrally normalized layers resolved against the

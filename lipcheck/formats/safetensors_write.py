@@ -42,7 +42,7 @@ def split_key(name: str) -> tuple[str, int | None]:
 
 
 def _stored(w64: torch.Tensor, scale: float, dtype: torch.dtype, cap: float | None,
-            where: str) -> torch.Tensor:
+            where: str, estimate: float | None = None) -> torch.Tensor:
     """``w64 * scale`` rounded to ``dtype``, scaled down again while the rounded matrix's
     certified norm is above ``cap``."""
     from ..spectral.certify import gram_upper_bound
@@ -53,7 +53,9 @@ def _stored(w64: torch.Tensor, scale: float, dtype: torch.dtype, cap: float | No
         out = (w64 * s).to(dtype)
         if cap is None:
             return out
-        bound = gram_upper_bound(out.to(torch.float64)).value
+        # a slightly low first candidate (the estimate moves with the scale, rounding aside)
+        first = estimate * s * (1 - 4 * eps) if estimate else 0.0
+        bound = gram_upper_bound(out.to(torch.float64), first).value
         if bound <= cap:
             return out
         s *= cap / bound * (1 - 2 * eps)
@@ -79,14 +81,16 @@ def _new_tensor(key: str, t: torch.Tensor, parts: dict[int | None, float], rewri
         raise InputError(f"{where}: tensor '{key}' is {t.dtype}, not a float weight: it cannot be rescaled")
     w64 = t.to(torch.float64)
     if None in parts:
-        return _stored(w64, parts[None], t.dtype, rewrite.caps.get(key), f"{where}: {key}")
+        return _stored(w64, parts[None], t.dtype, rewrite.caps.get(key), f"{where}: {key}",
+                       rewrite.estimates.get(key))
     out = t.clone()
     for index, s in parts.items():
         assert index is not None
         if not 0 <= index < t.shape[0]:
             raise InputError(f"{where}: {key}[{index}] is outside its {t.shape[0]} experts")
         name = f"{key}[{index}]"
-        out[index] = _stored(w64[index], s, t.dtype, rewrite.caps.get(name), f"{where}: {name}")
+        out[index] = _stored(w64[index], s, t.dtype, rewrite.caps.get(name), f"{where}: {name}",
+                             rewrite.estimates.get(name))
     return out
 
 
