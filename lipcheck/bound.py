@@ -90,6 +90,9 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
     from .fold import fold_affine
 
     folded = fold_affine(ctx, graph, result.steps)
+    from .chains import apply_chains
+
+    chained = apply_chains(ctx, result.steps)
     parts = value_parts(graph, result.steps)
     cert, est = propagate(graph, result.steps, parts=parts)
     absorbed = {name for _, outcome in result.steps for name in outcome.absorbs}
@@ -113,8 +116,11 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
     deltas = [r.failure_probability for r in result.rows
               if r.upper_kind == "probabilistic" and r.failure_probability is not None]
     result.network = _network(graph, cert, est, result.reasons, parts, deltas)
+    if chained and result.network.bounded:
+        result.network.composition = "folded+eclipse-fast" if folded else "eclipse-fast"
+        result.network.reason += f" (ECLipsE-Fast on {chained} Linear/activation chain(s))"
     if folded and result.network.bounded:
-        result.network.composition = "folded"
+        result.network.composition = "folded+eclipse-fast" if chained else "folded"
         result.network.reason += f" (BatchNorm/per-channel scales folded into {len(folded)} linear op(s))"
     return result
 

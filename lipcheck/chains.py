@@ -1,0 +1,231 @@
+"""A compositional bound tighter than the product on chains Linear -> activation -> Linear ...
+
+ECLipsE-Fast (Xu & Sivaranjani, NeurIPS 2024, "ECLipsE: Efficient Compositional Lipschitz
+Constant Estimation for Deep Neural Networks"), a closed-form sequential certificate, used
+inside the graph composition for maximal chain segments (residual branches, Add, Concat and
+pooling keep their rules).
+
+The chain: z_1 = x, v_i = W_i z_i + b_i, z_{i+1} = phi_i(v_i) (i < l), y = W_l z_l + b_l, each
+phi_i elementwise and slope-restricted in [a_i, b_i]: for two inputs, every output difference
+is Delta z = D Delta v with D diagonal, entries in [a_i, b_i] (mean value theorem), so
+(Delta z - a Delta v)(b Delta v - Delta z) >= 0 per neuron, i.e. with m = (a + b) / 2 and
+p = a b, 2 m Delta v Delta z - Delta z^2 - p Delta v^2 >= 0 (biases cancel in differences).
+
+Invariant (the certificate): u_i^T X_{i-1} u_i >= u_{i+1}^T X_i u_{i+1} for the differences
+u_i = Delta z_i, starting from X_0 = I (so |Delta x|^2 >= u_l^T X_{l-1} u_l). One layer, with
+u = u_i, W = W_i, z = u_{i+1}, and a multiplier lam >= 0 on the constraint (S-procedure):
+u^T X u - z^T X' z >= u^T X u - z^T X' z - lam (2 m z^T W u - |z|^2 - p |W u|^2)
+                  = [u; z]^T [[X + lam p W^T W, -lam m W^T], [-lam m W, lam I - X']] [u; z],
+which is >= 0 when M = X + lam p W^T W > 0 and (Schur complement)
+X' <= lam I - lam^2 m^2 W M^{-1} W^T. We take X' = that minus a tiny multiple of lam I (room
+for float64 rounding), and lam = 1 / (2 m^2 lambda_max(W M^{-1} W^T)) as ECLipsE-Fast does
+(with p = 0, M = X, and X' then has eigenvalues in [lam/2, lam], so it stays positive
+definite); for p < 0 lam is halved until M and X' are positive definite (checked by
+Cholesky). Finally |W_l u_l|^2 <= lambda_max(W_l^T W_l X_{l-1}^{-1}) u_l^T X_{l-1} u_l, so
+L^2 = lambda_max(C^{-1} W_l^T W_l C^{-T}) with X_{l-1} = C C^T, taken as |W_l C^{-T}|_2^2
+(an SVD in float64, raised by a relative 1e-9).
+
+Scaling one W_i by t > 0 scales the result by t exactly (each X_j after it scales by 1/t^2),
+as it does the function's constant: so normalize's rescaling of a layer rescales the chain's
+factor by the same t (``Outcome.folds``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .graph import Graph, Node
+from .rules import Context, Outcome
+from .rules.elementwise import GELU_LIP
+
+# Slope ranges [a, b] of elementwise activations (inf/sup of f', rounded outwards).
+GELU_MIN_SLOPE = -0.12901  # min of Phi(x) + x phi(x) = -0.128904 (tanh form: -0.128993)
+MARGIN = 1e-9  # relative room for rounding, kept below X' and added to the result
+MAX_HALVINGS = 40
+
+
+def slope_range(node: Node) -> tuple[float, float] | None:
+    """[a, b] with a <= f'(x) <= b for all x (difference quotients too), or None."""
+    op = node.op
+    if node.domain:
+        return None
+    if op in ("Relu", "Tanh", "Softplus"):
+        return 0.0, 1.0
+    if op == "Sigmoid":
+        return 0.0, 0.25
+    if op == "LeakyRelu":
+        a = float(node.attrs.get("alpha", 0.01))
+        return min(a, 1.0), max(a, 1.0)
+    if op == "Gelu":
+        return GELU_MIN_SLOPE, GELU_LIP
+    return None
+
+
+def _chol(mat: np.ndarray) -> np.ndarray | None:
+    try:
+        return np.linalg.cholesky((mat + mat.T) / 2)
+    except np.linalg.LinAlgError:
+        return None
+
+
+def _lmax_whitened(w: np.ndarray, c: np.ndarray) -> float:
+    """lambda_max(W (C C^T)^{-1} W^T) = |W C^{-T}|_2^2."""
+    b = np.linalg.solve(c, w.T).T  # W C^{-T}
+    return float(np.linalg.norm(b, 2)) ** 2
+
+
+def eclipse_fast(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, float]]) -> float | None:
+    """The ECLipsE-Fast bound of y = W_l phi_{l-1}(... phi_1(W_1 x)) with phi_i slope-restricted
+    in slopes[i] (len(slopes) == len(weights) - 1; weights W_i as (out, in) float64 arrays).
+    None when the recursion breaks down (then the caller keeps the product)."""
+    if len(weights) < 2 or len(slopes) != len(weights) - 1:
+        return None
+    x_prev = np.eye(weights[0].shape[1])
+    for w, (a, b) in zip(weights[:-1], slopes):
+        m, p = (a + b) / 2, a * b
+        if m <= 0:
+            return None
+        c = _chol(x_prev)
+        if c is None:
+            return None
+        mu = _lmax_whitened(w, c)
+        if not mu > 0.0:
+            return None  # a zero layer: the product (0) is as good
+        lam = 1.0 / (2 * m * m * mu)
+        for _ in range(MAX_HALVINGS):
+            cm = _chol(x_prev + lam * p * (w.T @ w)) if p != 0 else c
+            if cm is not None:
+                b_mat = np.linalg.solve(cm, w.T)  # C_M^{-1} W^T
+                k = b_mat.T @ b_mat  # W M^{-1} W^T
+                x_next = lam * (1 - MARGIN) * np.eye(w.shape[0]) - lam * lam * m * m * k
+                if _chol(x_next) is not None:
+                    break
+            lam /= 2
+        else:
+            return None
+        x_prev = (x_next + x_next.T) / 2
+    c = _chol(x_prev)
+    if c is None:
+        return None
+    value = math.sqrt(_lmax_whitened(weights[-1], c)) * (1 + MARGIN)
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- chains in a graph
+
+
+def _weight(ctx: Context, node: Node, data: list[int]) -> np.ndarray | None:
+    """The (out, in) matrix of a Gemm (data operand A, no data C) or a MatMul x @ W (W 2-D)."""
+    g = ctx.graph
+    if node.op == "Gemm" and data == [0] and not node.attrs.get("transA", 0):
+        w = g.const(node.inputs[1])
+        if w is None or w.ndim != 2:
+            return None
+        mat = w if node.attrs.get("transB", 0) else w.T
+        return abs(float(node.attrs.get("alpha", 1.0))) * mat.astype(np.float64)
+    if node.op == "MatMul" and data == [0]:
+        w = g.const(node.inputs[1])
+        if w is None or w.ndim != 2:
+            return None
+        return w.T.astype(np.float64)
+    return None
+
+
+def _data(graph: Graph, node: Node) -> list[int]:
+    return [k for k, v in enumerate(node.inputs) if v and v not in graph.static]
+
+
+def _only_consumer(graph: Graph, value: str) -> Node | None:
+    users = graph.consumers.get(value, [])
+    if len(users) != 1 or value in graph.outputs:
+        return None
+    return users[0]
+
+
+def _is_shift(graph: Graph, node: Node, value: str) -> bool:
+    """Add/Sub of a constant to ``value`` (a bias) that does not broadcast ``value``."""
+    if node.op not in ("Add", "Sub") or node.domain or len(node.inputs) != 2:
+        return False
+    data = _data(graph, node)
+    if len(data) != 1 or node.inputs[data[0]] != value or (node.op == "Sub" and data[0] != 0):
+        return False
+    return graph.known_shape(value) is not None and graph.known_shape(value) == graph.known_shape(node.outputs[0])
+
+
+def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[list[Node], list[np.ndarray],
+                                                                              list[tuple[float, float]]]]:
+    """Maximal chains linear (+ bias) -> activation -> linear (+ bias) ... -> linear, each value
+    inside read only by the next op. Returns (the nodes, in order; weights; slopes)."""
+    g = ctx.graph
+    outcome_of = {node.name: outcome for node, outcome in steps}
+    used: set[str] = set()
+    chains = []
+    for node, outcome in steps:
+        if node.name in used or outcome.unbounded is not None:
+            continue
+        w = _weight(ctx, node, _data(g, node))
+        if w is None:
+            continue
+        nodes, weights, slopes = [node], [w], []
+        end = node  # the last linear op (or its bias) in the chain so far
+        last_linear = 1  # len(nodes) up to and including the last linear op and its bias
+        while True:
+            nxt = _only_consumer(g, end.outputs[0])
+            if nxt is not None and _is_shift(g, nxt, end.outputs[0]) and end.op in ("Gemm", "MatMul"):
+                nodes.append(nxt)
+                end = nxt
+                last_linear = len(nodes)
+                nxt = _only_consumer(g, end.outputs[0])
+            if nxt is None or outcome_of.get(nxt.name) is None or outcome_of[nxt.name].unbounded is not None:
+                break
+            slope = slope_range(nxt)
+            if slope is None or _data(g, nxt) != [0]:
+                break
+            lin = _only_consumer(g, nxt.outputs[0])
+            w_next = _weight(ctx, lin, _data(g, lin)) if lin is not None else None
+            if lin is None or w_next is None or w_next.shape[1] != weights[-1].shape[0] \
+                    or outcome_of.get(lin.name) is None or outcome_of[lin.name].unbounded is not None:
+                break
+            nodes += [nxt, lin]
+            weights.append(w_next)
+            slopes.append(slope)
+            end = lin
+            last_linear = len(nodes)
+        nodes = nodes[:last_linear]
+        if len(weights) >= 2:
+            chains.append((nodes, weights, slopes))
+            used.update(n.name for n in nodes)
+    return chains
+
+
+def apply_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> int:
+    """Replace the outcome of each chain's last op by the chain's ECLipsE-Fast factor, measured
+    from the chain's input, where it beats the product of the chain's constants. Returns how
+    many chains were used."""
+    index = {node.name: k for k, (node, _) in enumerate(steps)}
+    count = 0
+    for nodes, weights, slopes in find_chains(ctx, steps):
+        outcomes = [steps[index[n.name]][1] for n in nodes]
+        product = math.prod(max(o.factors.values()) if o.factors else 1.0 for o in outcomes)
+        estimate = math.prod(max((o.est_factors or o.factors).values()) if o.factors else 1.0 for o in outcomes)
+        value = eclipse_fast(weights, slopes)
+        if value is None or not value < product:
+            continue
+        last, out = nodes[-1], outcomes[-1]
+        first = nodes[0]
+        source = first.inputs[_data(ctx.graph, first)[0]]
+        pos = _data(ctx.graph, last)[0]
+        if out.row is not None:
+            text = (f"ECLipsE-Fast over the chain {first.name} -> {last.name} ({len(weights)} linear layers): "
+                    f"the bound uses {value:.6g} from {first.name}'s input, in place of the product {product:.6g}")
+            out.row.note = f"{out.row.note}; {text}" if out.row.note else text
+        steps[index[last.name]] = (last, Outcome(
+            factors={pos: value}, est_factors={pos: min(value, estimate)}, combine=out.combine, row=out.row,
+            extra_rows=out.extra_rows, sources={pos: source}, absorbs=out.absorbs,
+            folds=[n.name for n in nodes[:-1]] + out.folds,
+        ))
+        count += 1
+    return count
