@@ -153,12 +153,6 @@ def write_output(text: str, output: Path | None, model: Path | list[Path]) -> No
     atomic_write(output, text.encode("utf-8"))
 
 
-def _html() -> Any:
-    from . import html_report
-
-    return html_report
-
-
 # --------------------------------------------------------------------------- checks
 # Everything the command line can tell from its arguments alone is checked before torch,
 # onnx or rich are imported: importing torch takes seconds, a typo should not.
@@ -297,13 +291,7 @@ def inspect(
 
         _emit(None, Group(*[r for doc in docs for r in report_renderables(doc)]), output, models)
         return EXIT_OK
-    text = {
-        OutputFormat.json: lambda: writers.dumps(writers.bundle(docs)),
-        OutputFormat.csv: lambda: writers.inspect_csv(docs),
-        OutputFormat.markdown: lambda: writers.inspect_markdown(docs),
-        OutputFormat.junit: lambda: writers.inspect_junit(docs),
-        OutputFormat.html: lambda: _html().inspect_html(docs),
-    }[format]()
+    text = writers.write(format.value, "inspect", docs)
     _emit(text, None, output, models)
     return EXIT_OK
 
@@ -377,13 +365,7 @@ def check(
 
         _emit(None, check_table(results), output, models)
     else:
-        text = {
-            OutputFormat.json: lambda: writers.dumps(writers.check_document(docs, results)),
-            OutputFormat.csv: lambda: writers.check_csv(results),
-            OutputFormat.markdown: lambda: writers.check_markdown(results),
-            OutputFormat.junit: lambda: writers.check_junit(results),
-            OutputFormat.html: lambda: _html().check_html(docs, results),
-        }[format]()
+        text = writers.write(format.value, "check", docs, results)
         _emit(text, None, output, models)
     failed = [r for r in results if not r.passed]
     for r in failed:
@@ -486,13 +468,7 @@ def diff(
 
         _emit(None, diff_table(doc), output, [a, b])
         return EXIT_OK
-    text = {
-        OutputFormat.json: lambda: writers.dumps(doc),
-        OutputFormat.csv: lambda: writers.diff_csv(doc),
-        OutputFormat.markdown: lambda: writers.diff_markdown(doc),
-        OutputFormat.junit: lambda: writers.diff_junit(doc),
-        OutputFormat.html: lambda: _html().diff_html(doc),
-    }[format]()
+    text = writers.write(format.value, "diff", doc)
     _emit(text, None, output, [a, b])
     return EXIT_OK
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .report import LAYER_FIELDS, SCHEMA_VERSION
@@ -227,3 +227,43 @@ def diff_junit(doc: dict[str, Any]) -> str:
     cases = [(r["name"], None, f"{fmt(r['sigma_upper_a'])} -> {fmt(r['sigma_upper_b'])} ({_pct(r['change'])})")
              for r in doc["layers"]]
     return _junit([(f"{doc['a']['path']} -> {doc['b']['path']}", cases)])
+
+
+# --------------------------------------------------------------------------- registry
+# One entry per (output format, document kind). Arguments by kind:
+#   "inspect": (docs,)   "check": (docs, results)   "diff": (doc,)
+# The HTML writers live in html_report.py and are imported only when asked for.
+
+
+def _html() -> Any:
+    from . import html_report
+
+    return html_report
+
+
+WRITERS: dict[tuple[str, str], Callable[..., str]] = {
+    ("json", "inspect"): lambda docs: dumps(bundle(docs)),
+    ("csv", "inspect"): inspect_csv,
+    ("markdown", "inspect"): inspect_markdown,
+    ("junit", "inspect"): inspect_junit,
+    ("html", "inspect"): lambda docs: _html().inspect_html(docs),
+    ("json", "check"): lambda docs, results: dumps(check_document(docs, results)),
+    ("csv", "check"): lambda docs, results: check_csv(results),
+    ("markdown", "check"): lambda docs, results: check_markdown(results),
+    ("junit", "check"): lambda docs, results: check_junit(results),
+    ("html", "check"): lambda docs, results: _html().check_html(docs, results),
+    ("json", "diff"): dumps,
+    ("csv", "diff"): diff_csv,
+    ("markdown", "diff"): diff_markdown,
+    ("junit", "diff"): diff_junit,
+    ("html", "diff"): lambda doc: _html().diff_html(doc),
+}
+
+
+def write(fmt: str, kind: str, *args: Any) -> str:
+    """The text of document kind ``kind`` ("inspect", "check", "diff") in output format ``fmt``."""
+    try:
+        writer = WRITERS[(str(getattr(fmt, "value", fmt)), kind)]
+    except KeyError:
+        raise ValueError(f"no {fmt!s} writer for {kind} reports") from None
+    return writer(*args)

@@ -56,7 +56,7 @@ def test_inspect_html_is_self_contained_and_carries_the_json_numbers(capsys: pyt
 
 
 def test_check_and_diff_html(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, page = _run(["check", str(SAMPLES / "cnn.onnx"), "--max-lipschitz", "1", "--format", "html"], capsys)
+    code, page = _run(["check", str(SAMPLES / "cnn.onnx"), "--max-lipschitz", "0.5", "--format", "html"], capsys)
     assert code == 1 and 'class="fail">FAIL' in page
     out = tmp_path / "scaled.onnx"
     assert run(["normalize", str(SAMPLES / "cnn.onnx"), "-o", str(out), "--target", "2", "--no-progress"]) == 0

@@ -203,3 +203,17 @@ def test_every_writer_output_is_valid_in_its_format() -> None:
              writers.check_csv(RESULTS), writers.check_markdown(RESULTS), writers.check_junit(RESULTS),
              writers.diff_csv(DIFF), writers.diff_markdown(DIFF), writers.diff_junit(DIFF)]
     assert all(t.endswith("\n") for t in texts)
+
+
+def test_writer_registry_covers_every_format_and_kind_and_refuses_unknown() -> None:
+    import pytest
+
+    from lipcheck import writers
+
+    for fmt in ("json", "csv", "markdown", "junit", "html"):
+        for kind in ("inspect", "check", "diff"):
+            assert (fmt, kind) in writers.WRITERS
+    with pytest.raises(ValueError, match="no yaml writer for inspect"):
+        writers.write("yaml", "inspect", [])
+    doc = {"a": {"path": "a.pt"}, "b": {"path": "b.pt"}, "layers": []}
+    assert writers.write("json", "diff", doc) == writers.dumps(doc)
