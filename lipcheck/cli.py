@@ -187,25 +187,6 @@ def _check_positive(**values: float | None) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
-def _check_normalize_output(source: Path, output: Path, *, in_place: bool, force: bool) -> None:
-    """The checks lipcheck.normalization.check_output_path makes again once torch is loaded."""
-    if source.is_dir() or source.name.endswith(".index.json"):
-        from .normalization import _check_folder_output  # a model folder is written to a folder
-
-        _check_folder_output(source, output, force=force)
-        return
-    same = output.exists() and os.path.samefile(source, output)
-    if same and not in_place:
-        raise UsageError(f"refusing to overwrite the input {source}; pass --in-place to do that")
-    if output.exists() and not same and not force:
-        raise UsageError(f"{output} exists; pass --force to replace it")
-    if output.is_dir():
-        raise UsageError(f"{output} is a directory")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
-
-
 def _check_architecture(spec: str | None) -> None:
     """``--model``'s form and its file (lipcheck.architecture.build checks the same after
     importing torch; --trust is asked for there, once the input is known to need --model)."""
@@ -518,7 +499,9 @@ def normalize(
     _check_inputs(model)
     _check_positive(target=target, budget=budget)
     _check_architecture(architecture)
-    _check_normalize_output(model, output, in_place=in_place, force=force)
+    from .files import check_output_path
+
+    check_output_path(model, output, in_place=in_place, force=force)
     if report is not None:
         check_report_path(report, model, output)
         _check_report_path(report, [model])

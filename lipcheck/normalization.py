@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from torch import nn
 from . import ops, spectral
 from .aliases import ProgressFn
 from .errors import InputError, UsageError
+from .files import check_output_path
 from .formats import Kind
 from .pipeline import Analysis, run_analysis, sha256_of
 from .report import Report
@@ -411,39 +411,6 @@ def _parametrize(module: nn.Module, changes: list[LayerChange], modules: dict[st
 
         scale_module(module, Rewrite(scales=baked))
     return layers
-
-
-def check_output_path(source: Path, output: Path, *, in_place: bool, force: bool) -> None:
-    if source.is_dir() or source.name.endswith(".index.json"):
-        _check_folder_output(source, output, force=force)
-        return
-    same = output.exists() and source.exists() and os.path.samefile(source, output)
-    if same and not in_place:
-        raise UsageError(f"refusing to overwrite the input {source}; pass --in-place to do that")
-    if output.exists() and not same and not force:
-        raise UsageError(f"{output} exists; pass --force to replace it")
-    if output.is_dir():
-        raise UsageError(f"{output} is a directory")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
-
-
-def _check_folder_output(source: Path, output: Path, *, force: bool) -> None:
-    """A model folder is written to a new folder (written beside it under a temp name and
-    renamed at the end); never into or over the input, never over a file."""
-    folder = (source if source.is_dir() else source.parent).resolve()
-    target = output.resolve()
-    if target == folder or folder in target.parents or target in folder.parents:
-        raise UsageError(f"refusing to write the model folder {source} into itself or over a folder "
-                         f"holding it ({output}); give a new folder")
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"{output} exists and is not a folder; a model folder is written to a folder")
-    if output.exists() and not force:
-        raise UsageError(f"{output} exists; pass --force to replace it")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"cannot write {output}: folder {parent} does not exist")
 
 
 def normalize(

@@ -326,3 +326,30 @@ def test_shape_of_an_activation_is_not_an_op_to_skip(tmp_path: Path, cli: Cli) -
     doc = json.loads(out)
     assert doc["skipped"] == [] and doc["network"]["bounded"] is True
     assert doc["network"]["lipschitz_bound"] == pytest.approx(3.0, rel=1e-4)
+
+
+def test_output_path_check_is_one_function_without_torch(tmp_path: Path) -> None:
+    """The CLI and lipcheck.normalization share lipcheck.files.check_output_path."""
+    import pytest as _pytest
+
+    from lipcheck import files, normalization
+    from lipcheck.errors import UsageError
+
+    assert normalization.check_output_path is files.check_output_path
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"x")
+    files.check_output_path(src, tmp_path / "new.onnx", in_place=False, force=False)
+    files.check_output_path(src, src, in_place=True, force=False)
+    with _pytest.raises(UsageError, match="refusing to overwrite the input"):
+        files.check_output_path(src, src, in_place=False, force=False)
+    other = tmp_path / "o.onnx"
+    other.write_bytes(b"y")
+    with _pytest.raises(UsageError, match="pass --force"):
+        files.check_output_path(src, other, in_place=False, force=False)
+    files.check_output_path(src, other, in_place=False, force=True)
+    with _pytest.raises(UsageError, match="does not exist"):
+        files.check_output_path(src, tmp_path / "missing" / "x.onnx", in_place=False, force=False)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    with _pytest.raises(UsageError, match="into itself"):
+        files.check_output_path(folder, folder / "out", in_place=False, force=False)
