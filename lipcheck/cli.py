@@ -287,7 +287,7 @@ def check(
     max_relative_delta: Annotated[float | None, typer.Option("--max-relative-delta", metavar="X", help="With --baseline CHECKPOINT: fail when a matrix's sigma(W - W_baseline) / sigma(W_baseline) (an upper bound on it) is above X, e.g. 0.05.")] = None,
     max_increase: Annotated[str, typer.Option("--max-increase", metavar="PCT", help="With --baseline: allowed growth of the bound and of each layer, e.g. 10%.")] = "0%",
     allow_unmatched: Annotated[bool, typer.Option("--allow-unmatched", help="With --baseline: compare the layers found on both sides by name and pass when some are on one side only (by default such a layer fails the gate).")] = False,
-    bound: Annotated[str, typer.Option("--bound", metavar="certified|estimate", help="certified (upper bounds, the default) or estimate (power iteration, lower bounds).")] = "certified",
+    bound: Annotated[str, typer.Option("--bound", metavar="certified|estimate", help="certified (upper bounds, the default) or estimate (the Lanczos estimates, or power iteration with --method power: lower bounds).")] = "certified",
     input_shape: InputShapeOpt = None,
     format: FormatOpt = OutputFormat.table,
     output: OutputOpt = None,
