@@ -81,8 +81,8 @@ def eclipse_fast(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, fl
     """The ECLipsE-Fast bound of y = W_l phi_{l-1}(... phi_1(W_1 x)) with phi_i slope-restricted
     in slopes[i] (len(slopes) == len(weights) - 1; weights W_i as (out, in) float64 arrays).
     None when the recursion breaks down (then the caller keeps the product)."""
-    if len(weights) < 2 or len(slopes) != len(weights) - 1:
-        return None
+    if len(weights) < 2 or len(slopes) != len(weights) - 1 or not all(np.isfinite(w).all() for w in weights):
+        return None  # NaN/Inf weights: the product says "not finite"
     x_prev = np.eye(weights[0].shape[1])
     for w, (a, b) in zip(weights[:-1], slopes):
         m, p = (a + b) / 2, a * b
