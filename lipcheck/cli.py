@@ -239,6 +239,34 @@ def _emit(text: str | None, table: object, output: Path | None, models: list[Pat
         write_output(buffer.getvalue(), output, models)
 
 
+def _chart_paths(output: Path, count: int) -> list[Path]:
+    """report.md -> report.svg (one chart) or report-1.svg, report-2.svg, ... beside it."""
+    if count == 1:
+        return [output.with_name(output.stem + ".svg")]
+    return [output.with_name(f"{output.stem}-{i}.svg") for i in range(1, count + 1)]
+
+
+def _markdown_with_charts(text: str, kind: str, docs: list[dict], output: Path | None,  # type: ignore[type-arg]
+                          inputs: list[Path]) -> str:
+    """For ``--format markdown -o FILE``: write each chart as an SVG file beside FILE and link it
+    from the Markdown (relative links, as a pull-request comment or a repository page shows them).
+    On stdout there is no file to link from: the Markdown is returned as it is."""
+    if output is None:
+        return text
+    from .files import atomic_write
+    from .html_report import markdown_charts
+
+    charts = markdown_charts(kind, docs)
+    paths = _chart_paths(output, len(charts))
+    for path in paths:
+        _check_report_path(path, inputs)
+    for (_, svg), path in zip(charts, paths):
+        atomic_write(path, (svg + "\n").encode("utf-8"))
+    links = "".join(f"\n![{alt.replace('[', '(').replace(']', ')')}]({path.name})\n"
+                    for (alt, _), path in zip(charts, paths))
+    return text.rstrip("\n") + "\n" + links if links else text
+
+
 @app.command(cls=Command)
 def inspect(
     models: ModelsArg,
@@ -273,6 +301,8 @@ def inspect(
         _emit(None, Group(*[r for doc in docs for r in report_renderables(doc)]), output, models)
         return EXIT_OK
     text = writers.write(format.value, "inspect", docs)
+    if format is OutputFormat.markdown:
+        text = _markdown_with_charts(text, "inspect", docs, output, models)
     _emit(text, None, output, models)
     return EXIT_OK
 
@@ -347,6 +377,8 @@ def check(
         _emit(None, check_table(results), output, models)
     else:
         text = writers.write(format.value, "check", docs, results)
+        if format is OutputFormat.markdown:
+            text = _markdown_with_charts(text, "check", docs, output, models)
         _emit(text, None, output, models)
     failed = [r for r in results if not r.passed]
     for r in failed:
@@ -450,6 +482,8 @@ def diff(
         _emit(None, diff_table(doc), output, [a, b])
         return EXIT_OK
     text = writers.write(format.value, "diff", doc)
+    if format is OutputFormat.markdown:
+        text = _markdown_with_charts(text, "diff", [doc], output, [a, b])
     _emit(text, None, output, [a, b])
     return EXIT_OK
 

@@ -83,6 +83,14 @@ def _x(i: int, n: int) -> float:
     return LEFT + (WIDTH - LEFT - RIGHT) * (i + 0.5) / max(n, 1)
 
 
+def _upper_label(layers: list[dict[str, Any]]) -> str:
+    """The legend names the kind of upper bound the chart shows."""
+    kinds = {r.get("upper_kind") for r in layers if r.get("sigma_upper") is not None}
+    if "probabilistic" in kinds:
+        return "upper bound (some probabilistic)" if "certified" in kinds else "probabilistic upper bound"
+    return "certified upper bound"
+
+
 def sigma_chart(layers: list[dict[str, Any]]) -> str:
     """Estimate and certificate per layer, in graph order; layers without a number marked."""
     n = len(layers)
@@ -102,7 +110,7 @@ def sigma_chart(layers: list[dict[str, Any]]) -> str:
             marks.append(f'<text x="{x:.1f}" y="{TOP + 10}" text-anchor="middle" fill="{COLORS["unbounded"]}">×'
                          f'<title>{_esc(r["name"])}: {_esc(why)}</title></text>')
     return _frame("per-layer spectral norm", "layer, in graph order", "sigma (log scale)", "".join(marks),
-                  [("estimate (lower bound)", COLORS["estimate"]), ("certified upper bound", COLORS["upper"]),
+                  [("estimate (lower bound)", COLORS["estimate"]), (_upper_label(layers), COLORS["upper"]),
                    ("× no finite number (hover: why)", COLORS["unbounded"])])
 
 
@@ -227,7 +235,8 @@ def diff_chart(layers: list[dict[str, Any]]) -> str | None:
         if grew:
             marks.append(f'<text x="{x:.1f}" y="{TOP + 10}" text-anchor="middle" fill="{COLORS["b"]}">▲'
                          f'<title>{_esc(tip)}</title></text>')
-    return _frame("certified sigma per layer, before and after", "layer", "sigma_upper (log scale)", "".join(marks),
+    return _frame("upper bound on sigma per layer, before and after", "layer", "sigma_upper (log scale)",
+                  "".join(marks),
                   [("A (before)", COLORS["a"]), ("B (after)", COLORS["b"]), ("▲ grew", COLORS["b"])])
 
 
@@ -250,3 +259,14 @@ def diff_html(doc: dict[str, Any]) -> str:
         if doc.get(key):
             parts.append(f"<p>{key}: " + ", ".join(_esc(r["name"]) for r in doc[key]) + "</p>")
     return _page("lipcheck diff", "".join(parts))
+
+
+def markdown_charts(kind: str, docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(alt text, standalone SVG) per chart a Markdown report links to: the per-layer sigma
+    chart of each model (inspect, check), or the before/after chart of a diff."""
+    if kind == "diff":
+        chart = diff_chart(docs[0]["layers"])
+        return [] if chart is None else [(f"sigma_upper per layer, {docs[0]['a']['path']} -> {docs[0]['b']['path']}",
+                                          chart)]
+    return [(f"per-layer spectral norm of {doc['model']['path']}", sigma_chart(doc["layers"]))
+            for doc in docs if doc["layers"]]

@@ -63,3 +63,39 @@ def test_check_and_diff_html(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     capsys.readouterr()
     code, page = _run(["diff", str(SAMPLES / "cnn.onnx"), str(out), "--format", "html"], capsys)
     assert code == 0 and "before and after" in page and "▲" in page  # some layers grew to 2
+
+
+def test_markdown_file_gets_its_chart_beside_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import xml.etree.ElementTree as ET
+
+    report = tmp_path / "report.md"
+    code, _ = _run(["inspect", str(SAMPLES / "cnn.onnx"), "--format", "markdown", "-o", str(report)], capsys)
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "report.svg"]
+    assert "](report.svg)" in report.read_text()
+    svg = ET.fromstring((tmp_path / "report.svg").read_text())  # a standalone, well-formed SVG file
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    _, doc_text = _run(["inspect", str(SAMPLES / "cnn.onnx"), "--format", "json"], capsys)
+    upper = [r for r in json.loads(doc_text)["layers"] if r["sigma_upper"] is not None]
+    # one upper-bound mark per layer with a finite bound, named by the layer in its tooltip
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = [e for e in svg.iter(ns + "line") if e.find(ns + "title") is not None]
+    assert len(lines) == len(upper)
+
+    several = tmp_path / "two" / "r.md"
+    several.parent.mkdir()
+    code, _ = _run(["inspect", str(SAMPLES / "cnn.onnx"), str(SAMPLES / "mlp.onnx"), "--format", "markdown",
+                    "-o", str(several)], capsys)
+    assert code == 0 and sorted(p.name for p in several.parent.iterdir()) == ["r-1.svg", "r-2.svg", "r.md"]
+    text = several.read_text()
+    assert "](r-1.svg)" in text and "](r-2.svg)" in text
+
+    diff_md = tmp_path / "diff" / "d.md"
+    diff_md.parent.mkdir()
+    code, _ = _run(["diff", str(SAMPLES / "cnn.onnx"), str(SAMPLES / "cnn.onnx"), "--format", "markdown",
+                    "-o", str(diff_md)], capsys)
+    assert code == 0 and "](d.svg)" in diff_md.read_text() and (diff_md.parent / "d.svg").is_file()
+
+
+def test_markdown_on_stdout_links_no_chart(capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _run(["inspect", str(SAMPLES / "cnn.onnx"), "--format", "markdown"], capsys)
+    assert code == 0 and ".svg" not in text
