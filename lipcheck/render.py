@@ -33,7 +33,8 @@ def shorten(name: str, width: int) -> str:
     return name[:head] + "…" + name[len(name) - (width - 1 - head):]
 
 
-COLUMNS = ("layer", "op", "input", "sigma est", "sigma_mat", "sigma_up", "iters", "bound")
+COLUMNS = ("layer", "op", "input", "sigma est", "sigma_mat", "sigma_up", "iters", "bound", "sigma_up (log)")
+ORDER = (0, 1, 2, 3, 4, 5, 8, 6, 7)  # the bar column sits beside the number it draws
 # Room a layer name gets before a column is given up for it: module paths up to this long
 # read whole (``encoder.layers.11.self_attn.out_proj``, ``model.layers.31.self_attn.o_proj``).
 NAME_ROOM = 36
@@ -52,6 +53,34 @@ def _network_kind(n: dict[str, Any]) -> str:
     return f"probabilistic, fails with probability <= {n['failure_probability']:.3g}"
 
 
+BAR_WIDTH = 10  # characters of the bar column, each eight steps of a block
+BAR_BLOCKS = " ▏▎▍▌▋▊▉█"
+BAR_MIN_WIDTH = 100  # terminals narrower than this get no bar column
+
+
+def bars(values: list[float | None], width: int = BAR_WIDTH) -> list[str]:
+    """Each value as a bar of block characters on a log scale: the largest value fills the
+    width, and the scale spans the whole decades between the smallest positive value and
+    the largest (at least one), so a bar's length reads as log10(value / largest). Values
+    without a positive finite number get no bar."""
+    import math
+
+    good = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    if not good:
+        return ["" for _ in values]
+    top, low = max(good), min(good)
+    span = max(1, math.ceil(math.log10(top / low) - 1e-12))
+    out = []
+    for v in values:
+        if v is None or not math.isfinite(v) or v <= 0:
+            out.append("")
+            continue
+        eighths = max(1, round((1 + math.log10(v / top) / span) * width * 8))
+        full, part = divmod(eighths, 8)
+        out.append(("█" * full + (BAR_BLOCKS[part] if part else "")).ljust(width))
+    return out
+
+
 def _cells(doc: dict[str, Any]) -> list[list[str]]:
     rows = []
     for r in doc["layers"]:
@@ -60,6 +89,11 @@ def _cells(doc: dict[str, Any]) -> list[list[str]]:
         op = f"{r['op']}+SN" if r.get("spectral_norm") else r["op"]
         rows.append([r["name"], op, fmt(r["input_shape"] or None), fmt(r["sigma"]), fmt(r["sigma_matrix"]),
                      _upper(r), _iters(r["iterations"], r["converged"]), fmt(r["bound"])])
+    # The bar column (index 8, shown after sigma_up) when the width allows: sigma_up, or the
+    # estimate where there is no upper bound, relative to the largest.
+    values = [r["sigma_upper"] if r["sigma_upper"] is not None else r["sigma"] for r in doc["layers"]]
+    for row, bar in zip(rows, bars(values)):
+        row.append(bar)
     return rows
 
 
@@ -82,7 +116,7 @@ def table(doc: dict[str, Any], max_width: int | None = None, title: bool = True)
     """The per-layer table of one report (its JSON document)."""
     model = doc["model"]
     cells = _cells(doc)
-    keep = [0, 1] + [c for c in range(2, len(COLUMNS)) if any(row[c] != "-" for row in cells)]
+    keep = [0, 1] + [c for c in range(2, 8) if any(row[c] != "-" for row in cells)]
     # Titles are markup to rich: a file name or the '[onnx]' tag would be read as a style.
     t = Table(title=escape(f"lipcheck: {model['path']}  [{model['format']}]") if title else None,
               title_justify="left")
@@ -102,9 +136,14 @@ def table(doc: dict[str, Any], max_width: int | None = None, title: bool = True)
         for drop in (2, 6, 4):  # input, iters, sigma_mat
             if drop in keep and room() < wanted:
                 keep.remove(drop)
+        if max_width >= BAR_MIN_WIDTH and any(row[8].strip() for row in cells):
+            keep.append(8)
+            if room() < wanted:
+                keep.remove(8)
         name_width = max(12, room())
+    keep.sort(key=ORDER.index)
     for c in keep:
-        t.add_column(COLUMNS[c], justify="left" if c < 3 else "right", no_wrap=True,
+        t.add_column(COLUMNS[c], justify="left" if c < 3 or c == 8 else "right", no_wrap=True,
                      min_width=min(12, name_width or 12) if c == 0 else None)
     for row in cells:
         name = shorten(row[0], name_width) if name_width else row[0]

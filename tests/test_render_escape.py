@@ -68,12 +68,19 @@ def test_inspect_table_at_a_fixed_width(width: int, tmp_path: Path, cli: Cli, mo
     assert {LONG, BRACKETS, "head"} <= shown  # at 80 columns too: a column gave way for them
     if width == 200:
         assert LONGER in shown and "iters" in table[1]
+        assert "sigma_up (log)" in table[1]  # the bar column, where the width allows
+        largest = max(r["sigma_upper"] for r in doc["layers"])
+        header = [c.strip() for c in table[1].strip("┃").split("┃")]
+        up, bar = header.index("sigma_up"), header.index("sigma_up (log)")
+        assert bar == up + 1
+        widest = next(cells for cells in rows.values() if cells[up] == f"{largest:.6g}")
+        assert widest[bar] == "█" * 10
     else:
         (short,) = shown - {LONG, BRACKETS, "head"}
         assert len(short) == len(LONG) and short.count("…") == 1
         head, tail = short.split("…")
         assert LONGER.startswith(head) and LONGER.endswith(tail) and len(head) >= 15 and len(tail) >= 15
-        assert "iters" not in table[1]
+        assert "iters" not in table[1] and "sigma_up (log)" not in table[1]
 
 
 def test_markup_in_gate_messages_is_literal(tmp_path: Path, cli: Cli) -> None:
@@ -95,3 +102,13 @@ def test_shorten_keeps_both_ends() -> None:
 
     assert shorten("encoder.layers.11.self_attn.out_proj", 16) == "encoder…out_proj"
     assert shorten("fc", 16) == "fc"
+
+
+def test_bars_are_log_scaled_to_the_largest() -> None:
+    from lipcheck.render import bars
+
+    # 1000 spans three decades: 100 is two thirds of the width, 10 one third, 1 one eighth
+    got = bars([1000.0, 100.0, 10.0, 1.0, None, 0.0, float("inf")], width=3)
+    assert got == ["███", "██ ", "█  ", "▏  ", "", "", ""]
+    assert bars([2.0, 2.0], width=4) == ["████", "████"]
+    assert bars([None, None]) == ["", ""]
