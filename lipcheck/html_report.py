@@ -23,7 +23,7 @@ COLORS = {"estimate": "#1f77b4", "upper": "#d62728", "bound": "#2ca02c", "a": "#
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}h1{font-size:1.4em}
 h2{font-size:1.15em;margin-top:2em}table{border-collapse:collapse;font-size:.85em;margin:1em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:nth-child(-n+3),th:nth-child(-n+3){text-align:left}
-.note{color:#555;font-size:.9em}.fail{color:#b00;font-weight:bold}.pass{color:#070}
+td:last-child,th:last-child{text-align:left;min-width:12em}.note{color:#555;font-size:.9em}.fail{color:#b00;font-weight:bold}.pass{color:#070}
 svg text{font-size:11px;font-family:system-ui,sans-serif}"""
 
 
@@ -177,6 +177,36 @@ LAYER_COLUMNS = ("name", "op", "kind", "sigma", "sigma_upper", "sigma_matrix", "
                  "role", "note")
 
 
+def experts_chart(layers: list[dict[str, Any]]) -> str | None:
+    """Fused expert tensors (rows ``<tensor>[e]``): each tensor's experts as a column of dots,
+    with the median marked, so an outlier expert stands out."""
+    import re
+    import statistics
+
+    groups: dict[str, list[tuple[int, float]]] = {}
+    for r in layers:
+        m = re.fullmatch(r"(.+)\[(\d+)\]", r["name"])
+        value = r.get("sigma_upper") if r.get("sigma_upper") is not None else r.get("sigma")
+        if m and value is not None and math.isfinite(value) and value > 0:
+            groups.setdefault(m.group(1), []).append((int(m.group(2)), value))
+    if not groups:
+        return None
+    axis = _LogAxis([v for g in groups.values() for _, v in g])
+    n, marks = len(groups), [axis.ticks()]
+    for i, (tensor, experts) in enumerate(groups.items()):
+        x = _x(i, n)
+        median = statistics.median(v for _, v in experts)
+        for e, v in experts:
+            marks.append(f'<circle cx="{x:.1f}" cy="{axis.y(v):.1f}" r="2.5" fill="{COLORS["upper"]}" '
+                         f'fill-opacity="0.6"><title>{_esc(tensor)}[{e}]: {_num(v)}</title></circle>')
+        marks.append(f'<line x1="{x - 8:.1f}" x2="{x + 8:.1f}" y1="{axis.y(median):.1f}" y2="{axis.y(median):.1f}" '
+                     f'stroke="{COLORS["estimate"]}" stroke-width="2"><title>{_esc(tensor)}: median {_num(median)} '
+                     f'of {len(experts)} experts</title></line>')
+    return _frame("experts: sigma_upper of each expert, per tensor", "expert tensor, in order",
+                  "sigma_upper (log scale)", "".join(marks),
+                  [("one expert", COLORS["upper"]), ("median over the experts", COLORS["estimate"])])
+
+
 def report_section(doc: dict[str, Any]) -> str:
     net = doc["network"]
     from .writers import network_kind
@@ -192,10 +222,13 @@ def report_section(doc: dict[str, Any]) -> str:
     parts = [f"<h2>{_esc(doc['model']['path'])} [{_esc(doc['model']['format'])}]</h2><p>{headline}</p>",
              sigma_chart(doc["layers"])]
     for chart in (bound_chart(doc["layers"]), heatmap(doc["layers"], "sigma"),
-                  heatmap(doc["layers"], "rms_to_rms")):
+                  heatmap(doc["layers"], "rms_to_rms"), experts_chart(doc["layers"])):
         if chart:
             parts.append(chart)
-    parts.append(_table(LAYER_COLUMNS, [[r.get(c) for c in LAYER_COLUMNS] for r in doc["layers"]]))
+    # columns the JSON has no value in for any layer (rms_to_rms of a graph model...) are left out
+    columns = [c for c in LAYER_COLUMNS if c in ("name", "op", "kind") or any(r.get(c) is not None
+                                                                             for r in doc["layers"])]
+    parts.append(_table(columns, [[r.get(c) for c in columns] for r in doc["layers"]]))
     if doc.get("skipped"):
         parts.append("<p>Skipped:</p>" + _table(("name", "op", "reason"),
                                                 [[s["name"], s["op"], s["reason"]] for s in doc["skipped"]]))

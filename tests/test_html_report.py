@@ -99,3 +99,27 @@ def test_markdown_file_gets_its_chart_beside_it(tmp_path: Path, capsys: pytest.C
 def test_markdown_on_stdout_links_no_chart(capsys: pytest.CaptureFixture[str]) -> None:
     code, text = _run(["inspect", str(SAMPLES / "cnn.onnx"), "--format", "markdown"], capsys)
     assert code == 0 and ".svg" not in text
+
+
+def test_experts_chart_and_empty_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    experts = torch.randn(4, 12, 8, generator=g, dtype=torch.float64)
+    experts[2] *= 5  # the outlier expert
+    path = tmp_path / "moe.safetensors"
+    save_file({"model.layers.0.mlp.experts.down_proj": experts.float().contiguous(),
+               "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=g)}, str(path))
+    code, page = _run(["inspect", str(path), "--format", "html"], capsys)
+    assert code == 0 and "experts: sigma_upper of each expert, per tensor" in page
+    exact = torch.linalg.matrix_norm(experts.float().double(), ord=2)
+    tips = re.findall(r"<title>model\.layers\.0\.mlp\.experts\.down_proj\[(\d)\]: ([0-9.e+-]+)</title></circle>", page)
+    assert sorted(int(e) for e, _ in tips) == [0, 1, 2, 3]
+    for e, value in tips:  # each expert's dot is its certified bound: at or above the exact norm
+        assert float(value) >= exact[int(e)].item() * (1 - 1e-5)
+    assert "median" in page
+    # a weights-only report has rms_to_rms and role; a graph model's table leaves them out
+    assert "<th>rms_to_rms</th>" in page
+    code, graph_page = _run(["inspect", str(SAMPLES / "cnn.onnx"), "--format", "html"], capsys)
+    assert code == 0 and "<th>rms_to_rms</th>" not in graph_page and "<th>sigma_upper</th>" in graph_page
