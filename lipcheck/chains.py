@@ -39,29 +39,18 @@ import numpy as np
 
 from .graph import Graph, Node
 from .rules import Context, Outcome
-from .rules.elementwise import GELU_LIP
+from .rules.elementwise import activation_slopes
 
-# Slope ranges [a, b] of elementwise activations (inf/sup of f', rounded outwards).
-GELU_MIN_SLOPE = -0.12901  # min of Phi(x) + x phi(x) = -0.128904 (tanh form: -0.128993)
 MARGIN = 1e-9  # relative room for rounding, kept below X' and added to the result
 MAX_HALVINGS = 40
 
 
 def slope_range(node: Node) -> tuple[float, float] | None:
-    """[a, b] with a <= f'(x) <= b for all x (difference quotients too), or None."""
-    op = node.op
+    """[a, b] with a <= f'(x) <= b for all x (difference quotients too), or None: the
+    activation table's slope range (``rules.elementwise.ACTIVATION_FACTS``)."""
     if node.domain:
         return None
-    if op in ("Relu", "Tanh", "Softplus"):
-        return 0.0, 1.0
-    if op == "Sigmoid":
-        return 0.0, 0.25
-    if op == "LeakyRelu":
-        a = float(node.attrs.get("alpha", 0.01))
-        return min(a, 1.0), max(a, 1.0)
-    if op == "Gelu":
-        return GELU_MIN_SLOPE, GELU_LIP
-    return None
+    return activation_slopes(node)
 
 
 def _chol(mat: np.ndarray) -> np.ndarray | None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -18,51 +21,82 @@ MISH_LIP = 1.0886  # 1.08850
 SELU_ALPHA, SELU_GAMMA = 1.6732632423543772, 1.0507009873554805
 
 
-def _activation_constant(node: Node, graph: Graph) -> float | None:
-    a = node.attrs
-    op = node.op
-    if op in ("Relu", "Tanh", "Softplus", "Softsign", "Abs", "Neg", "Celu", "Clip", "Sign"):
-        return 0.0 if op == "Sign" else 1.0
-    if op == "LeakyRelu":
-        return max(1.0, abs(float(a.get("alpha", 0.01))))
-    if op == "Elu":
-        return max(1.0, abs(float(a.get("alpha", 1.0))))
-    if op == "Selu":
-        return float(a.get("gamma", SELU_GAMMA)) * max(1.0, float(a.get("alpha", SELU_ALPHA)))
-    if op == "ThresholdedRelu":
-        return None  # a jump at alpha: not continuous
-    if op == "Erf":
-        return 2 / math.sqrt(math.pi)
-    if op == "Sigmoid":
-        return 0.25
-    if op == "HardSigmoid":
-        return abs(float(a.get("alpha", 0.2)))
-    if op == "HardSwish":
-        return 1.5  # x * hardsigmoid(x): slope 2x/6 + 1/2 peaks at x = 3
-    if op == "Gelu":
-        return GELU_LIP
-    if op == "Mish":
-        return MISH_LIP
-    if op == "Swish":
-        alpha = abs(float(a.get("alpha", 1.0)))
-        return SILU_LIP if alpha == 1.0 else None
-    if op == "PRelu":
-        slope = graph.const(node.inputs[1])
-        if slope is None:
-            return None
-        return max(1.0, float(np.abs(slope).max())) if slope.size else 1.0
-    if op in ("Softmax", "LogSoftmax"):
-        # Softmax is 1/2-Lipschitz in l2 and 1 is the safe choice (DESIGN.md);
-        # LogSoftmax = x - logsumexp(x) has Jacobian I - 1 p^T of norm <= 2.
-        return 1.0 if op == "Softmax" else 2.0
-    return None
+GELU_MIN_SLOPE = -0.12901  # min of Phi(x) + x phi(x) = -0.128904 (tanh form: -0.128993)
 
 
-ACTIVATIONS = [
-    "Relu", "Tanh", "Softplus", "Softsign", "Abs", "Neg", "Celu", "Clip", "Sign", "LeakyRelu", "Elu",
-    "Selu", "ThresholdedRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Mish", "Swish",
-    "PRelu", "Softmax", "LogSoftmax", "Erf",
-]
+@dataclass(frozen=True)
+class Activation:
+    """What lipcheck knows of one element-wise activation.
+
+    ``constant(attrs, node, graph)``: sup |f'| (None: no finite constant with these
+    attributes, e.g. a jump). ``slopes(attrs)``: [a, b] with a <= f'(x) <= b everywhere
+    (difference quotients too), for the chain certificate (``lipcheck.chains``); None when
+    not known. A new activation is one entry here and one test.
+    """
+
+    constant: Callable[[dict[str, Any], Node, Graph], float | None]
+    slopes: Callable[[dict[str, Any]], tuple[float, float] | None] | None = None
+
+
+def _const(value: float | None) -> Callable[[dict[str, Any], Node, Graph], float | None]:
+    return lambda attrs, node, graph: value
+
+
+def _slopes(a: float, b: float) -> Callable[[dict[str, Any]], tuple[float, float]]:
+    return lambda attrs: (a, b)
+
+
+def _leaky_slopes(attrs: dict[str, Any]) -> tuple[float, float]:
+    alpha = float(attrs.get("alpha", 0.01))
+    return min(alpha, 1.0), max(alpha, 1.0)
+
+
+def _swish(attrs: dict[str, Any], node: Node, graph: Graph) -> float | None:
+    return SILU_LIP if abs(float(attrs.get("alpha", 1.0))) == 1.0 else None
+
+
+def _prelu(attrs: dict[str, Any], node: Node, graph: Graph) -> float | None:
+    slope = graph.const(node.inputs[1])
+    if slope is None:
+        return None
+    return max(1.0, float(np.abs(slope).max())) if slope.size else 1.0
+
+
+ACTIVATION_FACTS: dict[str, Activation] = {
+    "Relu": Activation(_const(1.0), _slopes(0.0, 1.0)),
+    "Tanh": Activation(_const(1.0), _slopes(0.0, 1.0)),
+    "Softplus": Activation(_const(1.0), _slopes(0.0, 1.0)),
+    "Softsign": Activation(_const(1.0)),
+    "Abs": Activation(_const(1.0)),
+    "Neg": Activation(_const(1.0)),
+    "Celu": Activation(_const(1.0)),
+    "Clip": Activation(_const(1.0)),
+    # Sign and ThresholdedRelu jump (at 0, at alpha): not continuous, so no finite constant.
+    "Sign": Activation(_const(None)),
+    "ThresholdedRelu": Activation(_const(None)),
+    "LeakyRelu": Activation(lambda a, n, g: max(1.0, abs(float(a.get("alpha", 0.01)))), _leaky_slopes),
+    "Elu": Activation(lambda a, n, g: max(1.0, abs(float(a.get("alpha", 1.0))))),
+    "Selu": Activation(lambda a, n, g: float(a.get("gamma", SELU_GAMMA)) * max(1.0, float(a.get("alpha", SELU_ALPHA)))),
+    "Erf": Activation(_const(2 / math.sqrt(math.pi))),
+    "Sigmoid": Activation(_const(0.25), _slopes(0.0, 0.25)),
+    "HardSigmoid": Activation(lambda a, n, g: abs(float(a.get("alpha", 0.2)))),
+    "HardSwish": Activation(_const(1.5)),  # x * hardsigmoid(x): slope 2x/6 + 1/2 peaks at x = 3
+    "Gelu": Activation(_const(GELU_LIP), _slopes(GELU_MIN_SLOPE, GELU_LIP)),
+    "Mish": Activation(_const(MISH_LIP)),
+    "Swish": Activation(_swish),
+    "PRelu": Activation(_prelu),
+    # Softmax is 1/2-Lipschitz in l2 and 1 is the safe choice (DESIGN.md); LogSoftmax =
+    # x - logsumexp(x) has Jacobian I - 1 p^T of norm <= 2.
+    "Softmax": Activation(_const(1.0)),
+    "LogSoftmax": Activation(_const(2.0)),
+}
+ACTIVATIONS = list(ACTIVATION_FACTS)
+
+
+def activation_slopes(node: Node) -> tuple[float, float] | None:
+    """[a, b] bounding the slopes of the activation ``node`` (None: not known)."""
+    facts = ACTIVATION_FACTS.get(node.op)
+    return facts.slopes(node.attrs) if facts is not None and facts.slopes is not None else None
 
 
 def _row(ctx: Context, node: Node, kind: str, value: float, method: str, note: str | None = None,
@@ -78,13 +112,20 @@ def _row(ctx: Context, node: Node, kind: str, value: float, method: str, note: s
 def activation(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if data != [0]:
         return unbounded(f"{node.op} parameter depends on the input")
-    value = _activation_constant(node, ctx.graph)
+    value = ACTIVATION_FACTS[node.op].constant(node.attrs, node, ctx.graph)
     if value is None:
-        return unbounded(f"{node.op} with these attributes has no known Lipschitz constant")
+        why = "not continuous (a jump)" if node.op in ("Sign", "ThresholdedRelu") else \
+            "no known Lipschitz constant with these attributes"
+        return unbounded(f"{node.op}: {why}")
     return Outcome(factors={0: value}, row=_row(ctx, node, "activation", value, "sup |f'|"))
 
 
 # --------------------------------------------------------------------------- data movement
+
+# ONNX TensorProto element types that hold real numbers (FLOAT, FLOAT16, DOUBLE, BFLOAT16,
+# the FLOAT8 kinds, FLOAT4E2M1): a Cast to them only rounds to the nearest representable
+# value, which the bound treats as the identity, as it does every floating-point op.
+FLOAT_TYPES = frozenset({1, 10, 11, 16, 17, 18, 19, 20, 23})
 
 # Ops that permute, copy out or select values without repeating any: norm <= 1.
 MOVERS = {
@@ -100,6 +141,12 @@ def mover(ctx: Context, node: Node, data: list[int]) -> Outcome:
     max |a - b| <= ||a - b||_2 over each disjoint group, so also 1."""
     if data != [0]:
         return unbounded(f"{node.op} shape or index input depends on the input values")
+    if node.op == "Cast" and int(node.attrs.get("to", 1)) not in FLOAT_TYPES:
+        return unbounded("Cast to an integer or bool type rounds: not continuous")
+    if node.op == "CastLike" and len(node.inputs) > 1:
+        target = ctx.graph.const(node.inputs[1])
+        if target is not None and target.dtype.kind not in "fc":
+            return unbounded("CastLike to an integer or bool type rounds: not continuous")
     if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2]:
         mode = ctx.graph.const(node.inputs[2])  # a bool of any one-element shape
         if mode is None or mode.size != 1 or bool(mode.reshape(-1)[0]):
