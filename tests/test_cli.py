@@ -294,21 +294,59 @@ def test_torch_export_archive_needs_trust(tmp_path: Path, cli: Cli) -> None:
     assert doc["network"]["lipschitz_bound"] == pytest.approx(ref_doc["network"]["lipschitz_bound"], rel=1e-9)
 
 
+def _exact_layer_norms(path: Path) -> dict[str, float]:
+    """Each Conv/Gemm of an ONNX file as its explicit matrix on its real input size, by
+    autograd in float64, and that matrix's largest singular value (SVD)."""
+    import torch
+    import torch.nn.functional as F
+    from conftest import exact_norm, jacobian_matrix
+
+    from lipcheck.graph import build_graph
+
+    model = onnx.load(path)
+    graph = build_graph(model, None)
+    out: dict[str, float] = {}
+    for node in graph.nodes:
+        if node.op == "Conv":
+            w = torch.from_numpy(graph.const(node.inputs[1]).astype(np.float64))
+            shape = tuple(graph.known_shape(node.inputs[0]))
+            pads = [int(p) for p in node.attrs.get("pads", [0] * 4)]
+
+            def conv(x: torch.Tensor, w: torch.Tensor = w, pads: list[int] = pads, node=node) -> torch.Tensor:  # type: ignore[no-untyped-def]
+                x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+                return F.conv2d(x, w, stride=list(node.attrs.get("strides", [1, 1])),
+                                dilation=list(node.attrs.get("dilations", [1, 1])),
+                                groups=int(node.attrs.get("group", 1)))
+
+            out[node.name] = exact_norm(jacobian_matrix(conv, shape))
+        elif node.op == "Gemm":
+            w = torch.from_numpy(graph.const(node.inputs[1]).astype(np.float64))
+            out[node.name] = exact_norm(w) * abs(float(node.attrs.get("alpha", 1.0)))
+    return out
+
+
 @pytest.mark.parametrize("sample", ["cnn.onnx", "resnet.onnx"])
-def test_lanczos_matches_power_reference_in_fewer_iterations(sample: str) -> None:
+def test_lanczos_meets_exact_norms_in_fewer_iterations_than_power(sample: str) -> None:
     import lipcheck
 
+    exact = _exact_layer_norms(SAMPLES / sample)
     common = dict(tol=1e-8, max_iters=20000, device="cpu", dtype="float64")
     power = lipcheck.analyze(SAMPLES / sample, method="power", **common)
     krylov = lipcheck.analyze(SAMPLES / sample, method="lanczos", **common)
     assert [r.name for r in power.layers] == [r.name for r in krylov.layers]
-    for p, k in zip(power.layers, krylov.layers):
-        if p.sigma is not None:
-            assert k.sigma == pytest.approx(p.sigma, rel=1e-4), p.name
-            assert k.sigma <= k.sigma_upper * (1 + 1e-12)
+    checked = 0
+    for k in krylov.layers:
+        if k.name in exact and k.kind in ("conv", "gemm", "linear"):
+            checked += 1
+            # an estimate is the norm of the operator on a unit vector: never above the exact
+            # norm; close below it (cnn's first conv has its top two singular values 3.5e-6
+            # apart, which both methods stop inside of, at tol=1e-8: the known limit of a
+            # value-change stopping rule on a near-double top singular value)
+            assert exact[k.name] * (1 - 1e-5) <= k.sigma <= exact[k.name] * (1 + 1e-12), k.name
+            assert exact[k.name] <= k.sigma_upper * (1 + 1e-12), k.name
+    assert checked >= 3
     iters = lambda rep: sum(r.iterations or 0 for r in rep.layers)  # noqa: E731
     assert iters(krylov) * 3 < iters(power)
-    assert krylov.network.lipschitz_bound == pytest.approx(power.network.lipschitz_bound, rel=1e-3)
 
 
 def test_shape_of_an_activation_is_not_an_op_to_skip(tmp_path: Path, cli: Cli) -> None:
