@@ -51,7 +51,8 @@ def parse_increase(text: str) -> float:
     return value
 
 
-def _over(value: float, limit: float) -> str:
+def over_by(value: float, limit: float) -> str:
+    """How far value is over limit, absolute and relative: a gate message's tail."""
     if limit > 0:
         return f"{value - limit:.6g} over ({(value / limit - 1) * 100:.2f}%)"
     return f"{value - limit:.6g} over"
@@ -124,7 +125,7 @@ def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
         elif value > max_lipschitz:
             results.append(RuleResult(model, "max-lipschitz", False, value, max_lipschitz,
                                       f"network bound {value:.6g} > {max_lipschitz:.6g}: "
-                                      f"{_over(value, max_lipschitz)}"))
+                                      f"{over_by(value, max_lipschitz)}"))
         else:
             results.append(RuleResult(model, "max-lipschitz", True, value, max_lipschitz,
                                       f"network bound {value:.6g} <= {max_lipschitz:.6g}"))
@@ -143,7 +144,7 @@ def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
                 deltas[len(results)] = [_row_delta(row)]
                 results.append(RuleResult(model, "max-layer-sigma", False, value, max_layer_sigma,
                                           f"layer {row['name']}: sigma {value:.6g} > {max_layer_sigma:.6g}: "
-                                          f"{_over(value, max_layer_sigma)}", row["name"]))
+                                          f"{over_by(value, max_layer_sigma)}", row["name"]))
             elif worst is None or value > worst[0]:
                 worst = (value, row["name"])
         if not failed and layers:
@@ -177,7 +178,8 @@ def _state_kind(result: RuleResult, used: list[float | None], require_certified:
                            "(rerun with --certify exact)")
 
 
-def _names(names: list[str], limit: int = 5) -> str:
+def name_list(names: list[str], limit: int = 5) -> str:
+    """The first few names, and how many more."""
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
@@ -193,8 +195,8 @@ def _match(doc: dict[str, Any], base: dict[str, Any], allow_unmatched: bool) -> 
     if not only_new and not only_old:
         return RuleResult(doc["model"]["path"], "baseline-match", compared > 0, compared, total,
                           text if compared else "no layer to compare with the baseline")
-    parts = ([f"not in the baseline: {_names(only_new)}"] if only_new else []) + (
-        [f"missing from the model: {_names(only_old)}"] if only_old else [])
+    parts = ([f"not in the baseline: {name_list(only_new)}"] if only_new else []) + (
+        [f"missing from the model: {name_list(only_old)}"] if only_old else [])
     text = f"{text}; {'; '.join(parts)}"
     if allow_unmatched:
         return RuleResult(doc["model"]["path"], "baseline-match", compared > 0, compared, total,
@@ -220,7 +222,7 @@ def _against_baseline(doc: dict[str, Any], base: dict[str, Any], inc: float, bou
             ok = new <= limit
             out.append((RuleResult(model, "baseline-network", ok, new, limit,
                                    f"network bound {new:.6g} vs baseline {old:.6g} (limit {limit:.6g})"
-                                   + ("" if ok else f": {_over(new, limit)}")), [_network_delta(doc)]))
+                                   + ("" if ok else f": {over_by(new, limit)}")), [_network_delta(doc)]))
     base_rows = {r["name"]: r for r in base["layers"] if r.get("kind") in GATED_KINDS}
     compared: list[float | None] = []
     for row in doc["layers"]:
@@ -234,7 +236,7 @@ def _against_baseline(doc: dict[str, Any], base: dict[str, Any], inc: float, bou
         if new_v > limit:
             out.append((RuleResult(model, "baseline-layer", False, new_v, limit,
                                    f"layer {row['name']}: sigma {new_v:.6g} vs baseline {old_v:.6g} "
-                                   f"(limit {limit:.6g}): {_over(new_v, limit)}", row["name"]), [_row_delta(row)]))
+                                   f"(limit {limit:.6g}): {over_by(new_v, limit)}", row["name"]), [_row_delta(row)]))
     if not any(r.rule == "baseline-layer" for r, _ in out):
         out.append((RuleResult(model, "baseline-layer", True, None, None,
                                f"no layer grew more than {inc * 100:.4g}% over the baseline"), compared))

@@ -82,16 +82,16 @@ def update_rules(model: str, baseline: str, a: Mapping[str, torch.Tensor], b: Ma
     Cholesky certificate of sigma(W_B - W_A) (certified), and the relative change is
     ``delta_sigma_upper / sigma_a`` with ``sigma_a`` the Lanczos/power estimate of
     sigma(W_A), a lower bound, so the quotient is at least the true ratio."""
-    from .gate import RuleResult, _names, _over
+    from .gate import RuleResult, name_list, over_by
 
     out: list[RuleResult] = []
     only_new = [k for k in b if k not in a and _is_matrix(k, b[k])]
     only_old = [k for k in a if k not in b and _is_matrix(k, a[k])]
     reshaped = [k for k in b if k in a and _is_matrix(k, b[k]) and a[k].shape != b[k].shape]
     text = f"{len(updates)} matrices compared with the baseline checkpoint {baseline}"
-    parts = ([f"not in the baseline: {_names(only_new)}"] if only_new else []) + (
-        [f"missing from the model: {_names(only_old)}"] if only_old else []) + (
-        [f"shape changed: {_names(reshaped)}"] if reshaped else [])
+    parts = ([f"not in the baseline: {name_list(only_new)}"] if only_new else []) + (
+        [f"missing from the model: {name_list(only_old)}"] if only_old else []) + (
+        [f"shape changed: {name_list(reshaped)}"] if reshaped else [])
     if not updates:
         out.append(RuleResult(model, "update-match", False, 0, None,
                               f"no matrix to compare with the baseline checkpoint {baseline}"
@@ -131,7 +131,7 @@ def update_rules(model: str, baseline: str, a: Mapping[str, torch.Tensor], b: Ma
                 failed = True
                 out.append(RuleResult(model, rule, False, value, limit,
                                       f"matrix {u['name']}: the certified upper bound {value:.6g} on {what} "
-                                      f"is above {limit:.6g}: {_over(value, limit)} [certified]", u["name"]))
+                                      f"is above {limit:.6g}: {over_by(value, limit)} [certified]", u["name"]))
             elif worst is None or value > worst[0]:
                 worst = (value, u["name"])
         if not failed and worst is not None:

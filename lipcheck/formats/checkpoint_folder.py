@@ -96,7 +96,7 @@ def _open_shard(path: Path) -> Mapping[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items()}
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def read_index(index: Path) -> dict[str, str]:
     try:
         doc = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -113,7 +113,7 @@ def load_checkpoint_folder(path: Path) -> Loaded:
     index = path if not path.is_dir() else next(
         (folder / n for n in INDEX_NAMES if (folder / n).is_file()), None)
     if index is not None:
-        weight_map = _read_index(index)
+        weight_map = read_index(index)
         single = [n for n in SINGLE_NAMES if (folder / n).is_file()]
         if single and path.is_dir():
             notes.append(f"the folder holds both {single[0]} and {index.name}: the index is used")

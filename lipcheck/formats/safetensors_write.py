@@ -174,10 +174,10 @@ def _bin_shard_names(folder: Path, source: Path,
                      ) -> dict[int, str]:
     """The file name of each ``.bin`` shard that holds a rescaled tensor (from the index, or
     the folder's single ``pytorch_model.bin``)."""
-    from .checkpoint_folder import _read_index
+    from .checkpoint_folder import read_index
 
     index = source if source.name.endswith(".index.json") else folder / "pytorch_model.bin.index.json"
-    weight_map = _read_index(index) if index.is_file() else {}
+    weight_map = read_index(index) if index.is_file() else {}
     out = {}
     for shard_id, (shard, keys) in by_shard.items():
         if isinstance(shard, SafetensorsFile):
