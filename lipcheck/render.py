@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,8 +64,6 @@ def bars(values: list[float | None], width: int = BAR_WIDTH) -> list[str]:
     width, and the scale spans the whole decades between the smallest positive value and
     the largest (at least one), so a bar's length reads as log10(value / largest). Values
     without a positive finite number get no bar."""
-    import math
-
     good = [v for v in values if v is not None and math.isfinite(v) and v > 0]
     if not good:
         return ["" for _ in values]
