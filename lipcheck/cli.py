@@ -176,9 +176,9 @@ def _check_report_path(output: Path | None, inputs: list[Path]) -> None:
             raise UsageError(f"refusing to write the report over the model file {output}")
     if output.is_dir():
         raise UsageError(f"cannot write {output}: it is a directory")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"cannot write {output}: folder {folder} does not exist")
+    from .files import require_parent_folder
+
+    require_parent_folder(output)
 
 
 def _check_positive(**values: float | None) -> None:

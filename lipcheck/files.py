@@ -68,6 +68,11 @@ def check_output_path(source: Path, output: Path, *, in_place: bool, force: bool
         raise UsageError(f"{output} exists; pass --force to replace it")
     if output.is_dir():
         raise UsageError(f"{output} is a directory")
+    require_parent_folder(output)
+
+
+def require_parent_folder(output: Path) -> None:
+    """The folder a file is to be written into exists."""
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"cannot write {output}: folder {folder} does not exist")
