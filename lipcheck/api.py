@@ -36,6 +36,7 @@ def analyze(
     progress: ProgressFn | None = None,
     architecture: str | None = None,
     empirical: bool = False,
+    per_head: bool = False,
 ) -> Report:
     """Analyse a model file or an in-memory ``nn.Module`` and return its Report.
 
@@ -46,12 +47,14 @@ def analyze(
     ``certify``: "exact" (deterministic upper bounds), "probabilistic" or "auto" (the default:
     exact where cheap); a probabilistic row fails with probability ``failure_probability``.
     ``empirical``: also run the model to find a lower bound (``network.lipschitz_lower``).
+    ``per_head``: for a model folder whose config.json gives the heads, one row per attention
+    head of each q/k/v/o projection (kind ``head``).
     """
     from .pipeline import make_settings, run_analysis
 
     settings = make_settings(Options(tol, max_iters, seed, device, dtype, method, certify, failure_probability))
     return run_analysis(source, input_shape, settings, trust=trust, progress=progress,
-                        architecture=architecture, empirical=empirical).report
+                        architecture=architecture, empirical=empirical, per_head=per_head).report
 
 
 def normalize(

@@ -203,7 +203,7 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
                  device: Device, dtype: DType, method: Method, trust: bool, progress: bool,
                  architecture: str | None = None, *, certify: Certify = Certify(DEFAULTS.certify),
                  failure_probability: float = DEFAULTS.failure_probability,
-                 empirical: bool = False) -> list[dict]:
+                 empirical: bool = False, per_head: bool = False) -> list[dict]:
     shape = parse_shape(input_shape)
     _check_inputs(*models)
     _check_architecture(architecture)
@@ -217,7 +217,7 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
     for model in models:
         with progress_bar(progress and sys.stderr.isatty()) as callback:
             analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
-                                    architecture=architecture, empirical=empirical)
+                                    architecture=architecture, empirical=empirical, per_head=per_head)
         docs.append(analysis.report.to_dict())
     return docs
 
@@ -285,6 +285,7 @@ def inspect(
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
     empirical: EmpiricalOpt = False,
+    per_head: Annotated[bool, typer.Option("--per-head", help="For a model folder whose config.json gives the attention heads: also one row per head of each q/k/v/o projection (named <matrix>[h3], kind head; not gated).")] = False,
 ) -> int:
     """Per-layer spectral norms and the network's Lipschitz bound."""
     from . import writers
@@ -292,7 +293,7 @@ def inspect(
     _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
                         architecture, certify=certify, failure_probability=failure_probability,
-                        empirical=empirical)
+                        empirical=empirical, per_head=per_head)
     if format is OutputFormat.table:
         from rich.console import Group
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .bound import Composition
     from .formats import Loaded
     from .graph import Graph
+    from .heads import Heads
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -72,8 +73,10 @@ class Analysis:
 def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None,
                  settings: spectral.Settings, *, trust: bool = False,
                  progress: ProgressFn | None = None, architecture: str | None = None,
-                 empirical: bool = False) -> Analysis:
-    """``empirical``: also search for a lower bound by running the model (lipcheck.lower)."""
+                 empirical: bool = False, per_head: bool = False) -> Analysis:
+    """``empirical``: also search for a lower bound by running the model (lipcheck.lower).
+    ``per_head``: rows per attention head of q/k/v/o (a model folder whose config.json gives
+    the head counts)."""
     if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
         raise UsageError(f"{{param}} must be positive dims, batch first, got {input_shape}", param="input_shape")
     if isinstance(source, torch.nn.Module):
@@ -89,7 +92,15 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None
         loaded = load(path, trust=trust, input_shape=input_shape, architecture=architecture)
         info = ModelInfo(path=str(path), sha256=sha256_of(path), format=loaded.format.value)
     info.input_shape = list(input_shape) if input_shape else None
-    analysis = analyze_loaded(loaded, info, settings, progress)
+    heads = None
+    if per_head:
+        from .heads import Heads
+
+        heads = Heads.from_config(loaded.config) if loaded.config else None
+        if heads is None or loaded.tensors is None:
+            raise UsageError("{param} needs a model folder whose config.json gives num_attention_heads "
+                             "(and hidden_size or head_dim)", param="per_head")
+    analysis = analyze_loaded(loaded, info, settings, progress, heads)
     if empirical:
         from .lower import attach
 
@@ -112,7 +123,7 @@ def _estimates_within_certificates(rows: list[Any]) -> None:
 
 
 def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
-                   progress: ProgressFn | None = None) -> Analysis:
+                   progress: ProgressFn | None = None, heads: Heads | None = None) -> Analysis:
     if loaded.onnx_model is not None:
         from .bound import compose
         from .graph import build_graph
@@ -137,7 +148,7 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
     notes = list(loaded.notes)
     from .rules.tensors import tensor_rows
 
-    rows, skipped = tensor_rows(loaded.tensors or {}, settings, notes, progress)
+    rows, skipped = tensor_rows(loaded.tensors or {}, settings, notes, progress, heads)
     _estimates_within_certificates(rows)
     network = NetworkResult(lipschitz_bound=None, lipschitz_estimate=None, bounded=False,
                             certified=False, reason=loaded.why_no_graph)

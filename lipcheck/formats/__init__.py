@@ -63,6 +63,7 @@ class Loaded:
     input_shape: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)
     why_no_graph: str = ""
+    config: dict[str, Any] | None = None  # a model folder's config.json
 
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a member first, or an empty archive

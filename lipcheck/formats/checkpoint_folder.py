@@ -148,20 +148,26 @@ def load_checkpoint_folder(path: Path) -> Loaded:
     if config:
         notes.append(config)
     notes.append(f"weights read from {source}, one tensor at a time")
-    loaded = Loaded(format=Kind.CHECKPOINT_FOLDER, tensors=ShardedTensors(shards), notes=notes)
+    loaded = Loaded(format=Kind.CHECKPOINT_FOLDER, tensors=ShardedTensors(shards), notes=notes,
+                    config=read_config(folder))
     loaded.why_no_graph = ("a checkpoint folder has weights but no graph: every matrix is reported, "
                            "and no network bound is composed")
     return loaded
 
 
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's config.json as a dict, or None (missing or not a JSON object)."""
+    try:
+        doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def _config(folder: Path) -> str:
     """A one-line summary of config.json (model type and size), or ''."""
-    path = folder / "config.json"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return ""
-    if not isinstance(doc, dict):
+    doc = read_config(folder)
+    if doc is None:
         return ""
     parts = [f"{k} {doc[k]}" for k in ("model_type", "num_hidden_layers", "hidden_size",
                                           "num_attention_heads", "num_local_experts", "num_experts")

@@ -13,6 +13,7 @@ import torch
 
 from .. import names, snorm, spectral
 from ..aliases import ProgressFn
+from ..heads import Heads
 from ..report import LayerRow, SkippedOp
 
 PASSIVE_LEAVES = {"bias", "running_mean", "num_batches_tracked"}
@@ -102,6 +103,35 @@ def _matrix_row(name: str, key: str, w: torch.Tensor, settings: spectral.Setting
     return row
 
 
+HEAD_ROLES = ("q", "k", "v", "o")
+
+
+def _head_rows(matrix: LayerRow, key: str, w: torch.Tensor, heads: Heads,
+               settings: spectral.Settings) -> list[LayerRow] | None:
+    """One row per attention head of a q/k/v/o projection (None: its shape does not fit)."""
+    assert matrix.role is not None
+    parsed = names.parse(key)
+    blocks = heads.split(matrix.role, w.T if parsed.in_first else w)
+    if blocks is None:
+        return None
+    out = []
+    for h, block in enumerate(blocks):
+        bound = spectral.dense_bound(block.contiguous(), settings)
+        est, cert = bound.estimate, bound.upper
+        row = LayerRow(name=f"{matrix.name}[h{h}]", op="Linear", kind="head", sigma=est.sigma,
+                       sigma_upper=cert.value, upper_method=cert.method, lipschitz=cert.value,
+                       iterations=est.iterations, converged=est.converged, block=matrix.block,
+                       role=matrix.role, upper_kind=bound.kind, failure_probability=bound.failure_probability,
+                       note=f"head {h} of {len(blocks)}: " + ("columns" if matrix.role == "o" else "rows")
+                            + f" {h * heads.head_dim}..{(h + 1) * heads.head_dim - 1}")
+        if est.sigma is not None and math.isfinite(est.sigma) and est.sigma > 0:
+            fan_out, fan_in = block.shape
+            row.rms_to_rms = est.sigma * math.sqrt(fan_in / fan_out)
+            row.stable_rank = float(torch.linalg.vector_norm(block)) ** 2 / est.sigma**2
+        out.append(row)
+    return out
+
+
 def _experts_summary(key: str, rows: list[LayerRow]) -> str:
     values = sorted((r.sigma, i) for i, r in enumerate(rows) if r.sigma is not None)
     if not values:
@@ -113,13 +143,16 @@ def _experts_summary(key: str, rows: list[LayerRow]) -> str:
 
 
 def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings, notes: list[str],
-                progress: ProgressFn | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
+                progress: ProgressFn | None = None,
+                heads: Heads | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
     """Per-tensor numbers for weights without a graph: 2-D = a linear layer, 3-5-D = a
     conv kernel (reshaped norm and a size-independent certified bound), BatchNorm from
     its weight and running_var. Every other tensor is either passive (biases, BatchNorm
     statistics: counted in a note) or listed under skipped with the reason. ``tensors`` may
-    read each tensor from disk when asked for: one is held at a time."""
+    read each tensor from disk when asked for: one is held at a time. With ``heads``, the
+    q/k/v/o projections also get one row per attention head (``<name>[h3]``, kind "head")."""
     rows: list[LayerRow] = []
+    misfit: list[str] = []  # projections whose shape does not fit the head counts
     skipped: list[SkippedOp] = []
     passive = 0  # biases and BatchNorm statistics: no effect on a Lipschitz constant
     found = snorm.find(tensors)
@@ -141,6 +174,7 @@ def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings
         if leaf in PASSIVE_LEAVES or leaf.startswith("bias_") or bn_stat:
             passive += 1
             continue
+        head_rows: list[LayerRow] | None = None
         w, how = _float_weight(t)
         if w is None:
             skipped.append(SkippedOp(key, "tensor", how))
@@ -165,6 +199,10 @@ def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings
             rows.append(_matrix_row(key if leaf != "weight" else layer, key, w, settings))
             if key in sn_notes:
                 rows[-1].sigma_matrix = rows[-1].sigma  # a matrix's reshaped norm is its norm
+            if heads is not None and rows[-1].role in HEAD_ROLES:
+                head_rows = _head_rows(rows[-1], key, w, heads, settings)
+                if head_rows is None:
+                    misfit.append(key)
         elif t.ndim == 3 and "experts" in key.split("."):
             expert_rows = [_matrix_row(f"{key}[{e}]", key, w[e], settings) for e in range(w.shape[0])]
             rows.extend(expert_rows)
@@ -199,8 +237,14 @@ def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings
             style, text, _ = sn_notes[key]
             rows[-1].spectral_norm = style
             rows[-1].note = f"{text}; {rows[-1].note}" if rows[-1].note else text
+        rows.extend(head_rows or [])  # after the matrix's own row and its notes
     if progress is not None:
         progress(len(keys), len(keys), "")
+    if heads is not None:
+        notes.append(f"per-head rows: {heads.heads} query heads, {heads.kv_heads} key/value heads of "
+                     f"dimension {heads.head_dim} (config.json)"
+                     + (f"; shapes that do not fit them, so no head rows: {', '.join(misfit[:5])}"
+                        + (f" and {len(misfit) - 5} more" if len(misfit) > 5 else "") if misfit else ""))
     if passive:
         notes.append(f"{passive} bias / BatchNorm statistics tensors: they do not change a "
                      "Lipschitz constant")
