@@ -133,8 +133,9 @@ def bound_chart(layers: list[dict[str, Any]]) -> str | None:
 
 def heatmap(layers: list[dict[str, Any]], field: str) -> str | None:
     """role x block grid of ``field`` for transformer checkpoints (darker = larger)."""
-    cells = {(r["role"], r["block"]): r[field] for r in layers
-             if r.get("role") and r.get("block") is not None and r.get(field) is not None}
+    cells = {(r["role"], r["block"]): r[field] for r in layers  # whole matrices: not their head rows
+             if r.get("role") and r.get("block") is not None and r.get(field) is not None
+             and r.get("kind") != "head"}
     if not cells:
         return None
     roles = sorted({k[0] for k in cells})

@@ -76,3 +76,15 @@ def test_shapes_that_do_not_fit_get_no_head_rows(tmp_path: Path) -> None:
     report = api.analyze(folder, per_head=True)
     assert not any(r.name.startswith("model.layers.0.self_attn.q_proj[") for r in report.layers)
     assert any("shapes that do not fit them" in n and "q_proj" in n for n in report.notes)
+
+
+def test_heatmap_shows_whole_matrices_not_heads(tmp_path: Path, cli: Cli) -> None:
+    folder, tensors = _folder(tmp_path, {"hidden_size": D, "num_attention_heads": HEADS, "num_key_value_heads": KV})
+    code, out, err = cli("inspect", folder, "--per-head", "-f", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    q = next(r for r in doc["layers"] if r["name"] == "model.layers.0.self_attn.q_proj")
+    code, page, err = cli("inspect", folder, "--per-head", "-f", "html")
+    assert code == 0, err
+    # the q cell of block 0 carries the matrix's sigma (its tooltip), not the last head's
+    assert f"<title>q, block 0: sigma {q['sigma']:.6g}</title>" in page
