@@ -80,6 +80,13 @@ def _sn_notes(tensors: Mapping[str, torch.Tensor], found: dict[str, snorm.SNWeig
     return notes
 
 
+def _matrix_stats(row: LayerRow, w: torch.Tensor, fan_in: int, fan_out: int) -> None:
+    """The row's RMS-to-RMS norm and stable rank, from its estimate and the matrix."""
+    if row.sigma is not None and math.isfinite(row.sigma) and row.sigma > 0:
+        row.rms_to_rms = row.sigma * math.sqrt(fan_in / fan_out)
+        row.stable_rank = float(torch.linalg.vector_norm(w)) ** 2 / row.sigma**2
+
+
 def _matrix_row(name: str, key: str, w: torch.Tensor, settings: spectral.Settings) -> LayerRow:
     """A stored matrix: its sigma, certificate, RMS-to-RMS norm and stable rank, and for a
     transformer checkpoint its block and role (see :mod:`lipcheck.names`)."""
@@ -93,9 +100,7 @@ def _matrix_row(name: str, key: str, w: torch.Tensor, settings: spectral.Setting
                    upper_method=cert.method, lipschitz=cert.value, iterations=est.iterations,
                    converged=est.converged, block=parsed.block, role=parsed.role,
                    upper_kind=bound.kind, failure_probability=bound.failure_probability)
-    if est.sigma is not None and math.isfinite(est.sigma) and est.sigma > 0:
-        row.rms_to_rms = est.sigma * math.sqrt(fan_in / fan_out)
-        row.stable_rank = float(torch.linalg.vector_norm(w)) ** 2 / est.sigma**2
+    _matrix_stats(row, w, fan_in, fan_out)
     if embedding:
         row.note = "a lookup table: its sigma is reported, but it is not part of a Lipschitz chain"
     elif parsed.in_first:
@@ -124,10 +129,7 @@ def _head_rows(matrix: LayerRow, key: str, w: torch.Tensor, heads: Heads,
                        role=matrix.role, upper_kind=bound.kind, failure_probability=bound.failure_probability,
                        note=f"head {h} of {len(blocks)}: " + ("columns" if matrix.role == "o" else "rows")
                             + f" {h * heads.head_dim}..{(h + 1) * heads.head_dim - 1}")
-        if est.sigma is not None and math.isfinite(est.sigma) and est.sigma > 0:
-            fan_out, fan_in = block.shape
-            row.rms_to_rms = est.sigma * math.sqrt(fan_in / fan_out)
-            row.stable_rank = float(torch.linalg.vector_norm(block)) ** 2 / est.sigma**2
+        _matrix_stats(row, block, fan_in=block.shape[1], fan_out=block.shape[0])
         out.append(row)
     return out
 
