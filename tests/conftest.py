@@ -149,3 +149,17 @@ def jacobian_at(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 def jacobian_matrix(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """The explicit matrix of a linear map on float64 inputs of ``shape`` (its Jacobian at 0)."""
     return jacobian_at(fn, torch.zeros(shape, dtype=torch.float64))
+
+
+def fit_to_sine(model: torch.nn.Module, n_in: int, n_out: int, scale: float, steps: int) -> torch.nn.Module:
+    """Train ``model`` with Adam (lr 1e-2) on 256 random inputs x to sin(scale * x[:, :n_out]),
+    drawing the data from torch's global generator (seed it first): a "trained" network with
+    the structured weights training gives, built in a second. Returns it in eval mode."""
+    x = torch.randn(256, n_in)
+    y = (x[:, :n_out] * scale).sin()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return model.eval()

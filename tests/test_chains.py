@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import fit_to_sine
 from torch import nn
 
 import lipcheck
@@ -18,15 +19,7 @@ from lipcheck.chains import eclipse_fast
 def _mlp(act: type[nn.Module], seed: int, trained: bool) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(12, 32), act(), nn.Linear(32, 32), act(), nn.Linear(32, 4))
-    if trained:
-        x = torch.randn(256, 12)
-        y = (x[:, :4] * 2).sin()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(150):
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-    return model.eval()
+    return fit_to_sine(model, 12, 4, scale=2.0, steps=150) if trained else model.eval()
 
 
 CASES = [(act, seed, trained) for act in (nn.ReLU, nn.Tanh, nn.LeakyReLU, nn.Sigmoid)

@@ -9,7 +9,7 @@ import warnings
 import onnx
 import pytest
 import torch
-from conftest import exact_norm, jacobian_at
+from conftest import exact_norm, fit_to_sine, jacobian_at
 from onnx import TensorProto, helper
 from torch import nn
 
@@ -30,14 +30,7 @@ def _trained_mlp(seed: int) -> nn.Module:
     """A 20-64-64-5 ReLU MLP fitted a few hundred steps on seeded synthetic data."""
     lt.seeded(seed)
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
-    x = torch.randn(256, 20)
-    y = (x[:, :5] * 3).sin()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return model.eval()
+    return fit_to_sine(model, 20, 5, scale=3.0, steps=200)
 
 
 def test_linear_map_lower_bound_is_its_norm():
