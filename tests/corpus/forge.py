@@ -139,18 +139,14 @@ def forge_zip_member_size(path: Path, member: str, size: int) -> None:
     """Rewrite a stored member's uncompressed size in its local and central headers."""
     data = bytearray(path.read_bytes())
     name = member.encode()
-    local = data.find(b"PK\x03\x04")
-    while local >= 0:
-        n = struct.unpack_from("<H", data, local + 26)[0]
-        if bytes(data[local + 30:local + 30 + n]) == name:
-            struct.pack_into("<I", data, local + 22, size)
-        local = data.find(b"PK\x03\x04", local + 4)
-    central = data.find(b"PK\x01\x02")
-    while central >= 0:
-        n = struct.unpack_from("<H", data, central + 28)[0]
-        if bytes(data[central + 46:central + 46 + n]) == name:
-            struct.pack_into("<I", data, central + 24, size)
-        central = data.find(b"PK\x01\x02", central + 4)
+    # (signature, offset of the name length, of the name, of the uncompressed size)
+    for sig, len_at, name_at, size_at in ((b"PK\x03\x04", 26, 30, 22), (b"PK\x01\x02", 28, 46, 24)):
+        at = data.find(sig)
+        while at >= 0:
+            n = struct.unpack_from("<H", data, at + len_at)[0]
+            if bytes(data[at + name_at:at + name_at + n]) == name:
+                struct.pack_into("<I", data, at + size_at, size)
+            at = data.find(sig, at + 4)
     path.write_bytes(bytes(data))
 
 
