@@ -26,7 +26,7 @@ from .errors import InputError, UsageError
 from .files import check_output_path
 from .formats import Kind
 from .pipeline import Analysis, run_analysis, sha256_of
-from .report import Report
+from .report import Report, RowKind
 from .rewrite import Rewrite
 
 # The budget search aims this much below the budget, so re-measured certificates (which
@@ -176,7 +176,7 @@ def plan(analysis: Analysis, *, target: float | None, clip: bool, budget: float 
                              estimate=row.sigma)
         if not _selected(row.name, layers, exclude):
             change.skipped = "not selected"
-        elif row.kind == "embedding" and not layers:
+        elif row.kind == RowKind.EMBEDDING and not layers:
             change.skipped = "not selected: an embedding (a lookup table, not a linear map); select it with --layers"
         elif ref.why:
             change.skipped = f"{CANNOT} {ref.why}"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .report import RowKind
+
 # Op -> the input that holds its weight. None: the constant operand of a product (input 1,
 # else input 0), as exporters put ``x @ W`` and ``W @ x`` both as MatMul/Gemm.
 WEIGHT_INPUT: dict[str, int | None] = {
@@ -18,7 +20,7 @@ WEIGHT_INPUT: dict[str, int | None] = {
 # Ops whose weight scales their output linearly, so normalize can rescale them.
 RESCALABLE = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Gemm", "MatMul"})
 # Row kinds that carry a weight: what gates check and baselines compare.
-GATED_KINDS = frozenset({"linear", "conv", "diagonal", "recurrent"})
+GATED_KINDS = frozenset({RowKind.LINEAR, RowKind.CONV, RowKind.DIAGONAL, RowKind.RECURRENT})
 
 
 class _Node(Protocol):

@@ -7,9 +7,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
 SCHEMA_VERSION = "1"
+
+
+class RowKind(StrEnum):
+    """What a row is: its ``kind`` in every report (the schema lists the same values)."""
+
+    LINEAR = "linear"          # Gemm, MatMul, Linear: a matrix
+    CONV = "conv"              # a convolution on its real input size
+    DIAGONAL = "diagonal"      # BatchNorm, per-channel scales
+    ACTIVATION = "activation"  # elementwise functions
+    POOL = "pool"              # pooling
+    COMBINE = "combine"        # Add, Concat, ...: how branches meet
+    RECURRENT = "recurrent"    # LSTM, GRU, RNN weights
+    NORMALIZATION = "normalization"  # LayerNorm, RMSNorm, GroupNorm, InstanceNorm
+    EMBEDDING = "embedding"    # a lookup table: reported, not part of a Lipschitz chain
+    HEAD = "head"              # one attention head's block of a q/k/v/o matrix (--per-head)
 
 
 @dataclass
@@ -37,7 +53,7 @@ class LayerRow:
 
     name: str
     op: str
-    kind: str
+    kind: RowKind
     input_shape: list[int | None] | None = None
     sigma: float | None = None
     sigma_matrix: float | None = None
@@ -55,6 +71,9 @@ class LayerRow:
     role: str | None = None
     upper_kind: str | None = None
     failure_probability: float | None = None
+
+    def __post_init__(self) -> None:
+        self.kind = RowKind(self.kind)  # an unknown kind is a bug: fail here, not in a reader
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..graph import Graph, Node
-from ..report import LayerRow
+from ..report import LayerRow, RowKind
 from . import Context, Outcome, rule, unbounded
 
 # sup |f'| of element-wise activations (values computed on a fine grid in float64
@@ -99,7 +99,7 @@ def activation_slopes(node: Node) -> tuple[float, float] | None:
     return facts.slopes(node.attrs) if facts is not None and facts.slopes is not None else None
 
 
-def _row(ctx: Context, node: Node, kind: str, value: float, method: str, note: str | None = None,
+def _row(ctx: Context, node: Node, kind: RowKind, value: float, method: str, note: str | None = None,
          data_in: str | None = None) -> LayerRow:
     dims = ctx.graph.shape(data_in or node.inputs[0])
     return LayerRow(
@@ -117,7 +117,7 @@ def activation(ctx: Context, node: Node, data: list[int]) -> Outcome:
         why = "not continuous (a jump)" if node.op in ("Sign", "ThresholdedRelu") else \
             "no known Lipschitz constant with these attributes"
         return unbounded(f"{node.op}: {why}")
-    return Outcome(factors={0: value}, row=_row(ctx, node, "activation", value, "sup |f'|"))
+    return Outcome(factors={0: value}, row=_row(ctx, node, RowKind.ACTIVATION, value, "sup |f'|"))
 
 
 # --------------------------------------------------------------------------- data movement
@@ -212,7 +212,7 @@ def add(ctx: Context, node: Node, data: list[int]) -> Outcome:
     scale = {i: 1.0 / len(node.inputs) for i in data} if node.op == "Mean" else None
     out = _factors(ctx, node, data, scale)
     if out.unbounded is None and len(data) > 1:
-        out.row = LayerRow(name=node.name, op=node.op, kind="combine", note="L = sum of input bounds")
+        out.row = LayerRow(name=node.name, op=node.op, kind=RowKind.COMBINE, note="L = sum of input bounds")
     return out
 
 
@@ -231,7 +231,7 @@ def concat(ctx: Context, node: Node, data: list[int]) -> Outcome:
     the composition find out which (lipcheck.bound, "disjoint parts")."""
     out = Outcome(factors={i: 1.0 for i in data}, combine="concat")
     if len(data) > 1:
-        out.row = LayerRow(name=node.name, op=node.op, kind="combine",
+        out.row = LayerRow(name=node.name, op=node.op, kind=RowKind.COMBINE,
                            note="L = sqrt of the sum of squared input bounds")
     return out
 
@@ -342,7 +342,7 @@ def mul(ctx: Context, node: Node, data: list[int]) -> Outcome:
             if match is None:
                 continue
             x, branch, value = match
-            row = _row(ctx, node, "activation", value, "sup |f'|", note=f"recognised {name}", data_in=x)
+            row = _row(ctx, node, RowKind.ACTIVATION, value, "sup |f'|", note=f"recognised {name}", data_in=x)
             # The whole product is bounded through x (the input on x's side, or x itself
             # when that input is a constant times x); the other input adds nothing, and
             # the ops in between are part of this activation rather than layers of their own.
@@ -357,7 +357,7 @@ def mul(ctx: Context, node: Node, data: list[int]) -> Outcome:
     value = float(np.abs(c).max()) if c.size else 0.0
     out = _factors(ctx, node, data, {pos: value})
     if out.unbounded is None:
-        out.row = _row(ctx, node, "diagonal", out.factors[pos], "exact", data_in=node.inputs[pos])
+        out.row = _row(ctx, node, RowKind.DIAGONAL, out.factors[pos], "exact", data_in=node.inputs[pos])
     return out
 
 
@@ -377,7 +377,7 @@ def div(ctx: Context, node: Node, data: list[int]) -> Outcome:
         return unbounded("division by zero constant")
     out = _factors(ctx, node, [0], {0: value})
     if out.unbounded is None:
-        out.row = _row(ctx, node, "diagonal", out.factors[0], "exact")
+        out.row = _row(ctx, node, RowKind.DIAGONAL, out.factors[0], "exact")
     return out
 
 
@@ -456,7 +456,7 @@ def not_lipschitz(ctx: Context, node: Node, data: list[int]) -> Outcome:
             if not jump <= resolution:
                 return unbounded(f"{label} as torch's dynamo exporter writes it jumps by {jump:.2g} at "
                                  f"x = {switch:g}: not continuous")
-            row = _row(ctx, node, "activation", 1.0, "sup |f'|", data_in=x,
+            row = _row(ctx, node, RowKind.ACTIVATION, 1.0, "sup |f'|", data_in=x,
                        note=f"recognised {label} as torch's dynamo exporter writes it; its jump of "
                             f"{jump:.2g} at x = {switch:g} is below float32 resolution there")
             pos = node.inputs.index(x)
@@ -572,7 +572,7 @@ def _rms_reciprocal(graph: Graph, value: str, d: str, user: Node) -> NormMatch |
 def _normalisation_outcome(ctx: Context, node: Node, pos: int, found: NormMatch, name: str) -> Outcome:
     x, nodes, eps, _ = found
     value = 1.0 / math.sqrt(eps)
-    row = _row(ctx, node, "normalization", value, "1/sqrt(eps)", data_in=x,
+    row = _row(ctx, node, RowKind.NORMALIZATION, value, "1/sqrt(eps)", data_in=x,
                note=f"recognised {name} (eps={eps:g}) without its scale: 1/sqrt(eps), reached only on "
                     "near-constant inputs (loose)")
     factors = {k: (value if k == pos else 0.0) for k in range(len(node.inputs))}
@@ -597,5 +597,5 @@ def normalization(ctx: Context, node: Node, data: list[int]) -> Outcome:
     gamma = float(np.abs(scale.astype(np.float64)).max()) if scale.size else 0.0
     # eps is stored as a float32 attribute: the runtime adds that float32 value
     value = gamma / math.sqrt(float(np.float32(eps)))
-    row = _row(ctx, node, "normalization", value, "max|gamma|/sqrt(eps)", note=LOOSE)
+    row = _row(ctx, node, RowKind.NORMALIZATION, value, "max|gamma|/sqrt(eps)", note=LOOSE)
     return Outcome(factors={0: value}, row=row)

@@ -11,7 +11,7 @@ import torch
 
 from .. import spectral
 from ..graph import Node
-from ..report import LayerRow
+from ..report import LayerRow, RowKind
 from . import Context, Outcome, rule, unbounded
 
 
@@ -29,7 +29,7 @@ def _matrix_row(ctx: Context, node: Node, weight: np.ndarray, data_in: str, scal
     est, cert = bound.estimate, bound.upper
     upper = cert.value * scale
     return LayerRow(
-        name=node.name, op=node.op, kind="linear", input_shape=_shape_list(ctx, data_in),
+        name=node.name, op=node.op, kind=RowKind.LINEAR, input_shape=_shape_list(ctx, data_in),
         sigma=est.sigma * scale, sigma_upper=upper, upper_method=cert.method, lipschitz=upper,
         iterations=est.iterations, converged=est.converged,
         note=None if math.isfinite(upper) else "weight has NaN or Inf",
@@ -280,7 +280,7 @@ def measure_conv(ctx: Context, node: Node, data: list[int], weight_override: np.
     # (dim 0 for Conv, dim 1 for ConvTranspose).
     mat = weight.transpose(0, 1) if transposed else weight
     sm = spectral.matrix_estimate(mat.reshape(mat.shape[0], -1), ctx.settings)
-    row = LayerRow(name=node.name, op=node.op, kind="conv",
+    row = LayerRow(name=node.name, op=node.op, kind=RowKind.CONV,
                    input_shape=_shape_list(ctx, in_value), sigma_matrix=sm.sigma)
     sources = {0: sel.source} if sel else {}
     # The padding ops are part of this conv's row when nothing else reads them.
@@ -426,7 +426,7 @@ def batchnorm(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if not np.isfinite(diag).all():
         value = math.nan
     row = LayerRow(
-        name=node.name, op=node.op, kind="diagonal", input_shape=_shape_list(ctx, node.inputs[0]),
+        name=node.name, op=node.op, kind=RowKind.DIAGONAL, input_shape=_shape_list(ctx, node.inputs[0]),
         sigma=value, sigma_upper=value, upper_method="exact", lipschitz=value,
         iterations=0, converged=True,
     )
@@ -507,7 +507,7 @@ def recurrent(ctx: Context, node: Node, data: list[int]) -> Outcome:
                 m = mats[di, gi * hidden : (gi + 1) * hidden]
                 r = _matrix_row(ctx, node, m, node.inputs[0], 1.0)
                 r.name = f"{node.name}.{label}.dir{di}.{gate}"
-                r.kind = "recurrent"
+                r.kind = RowKind.RECURRENT
                 rows.append(r)
     return Outcome(
         factors={}, extra_rows=rows,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import spectral
 from ..graph import Node
-from ..report import LayerRow
+from ..report import LayerRow, RowKind
 from . import Context, Outcome, rule, unbounded
 
 
@@ -32,7 +32,7 @@ def _pool_attrs(node: Node) -> tuple[list[int], list[int], list[int], list[tuple
 
 
 def _linear_row(ctx: Context, node: Node, fn: spectral.LinearMap, shape: tuple[int, ...],
-                kind: str = "pool") -> Outcome:
+                kind: RowKind = RowKind.POOL) -> Outcome:
     """A linear op with non-negative entries: power iteration + Schur certificate."""
     est = spectral.operator_estimate(fn, shape, ctx.settings)
     cert = spectral.schur_upper_bound(fn, shape)
@@ -48,7 +48,7 @@ def _linear_row(ctx: Context, node: Node, fn: spectral.LinearMap, shape: tuple[i
 def _formula_row(ctx: Context, node: Node, value: float, method: str, note: str | None = None) -> Outcome:
     dims = ctx.graph.shape(node.inputs[0])
     row = LayerRow(
-        name=node.name, op=node.op, kind="pool", input_shape=list(dims) if dims is not None else None,
+        name=node.name, op=node.op, kind=RowKind.POOL, input_shape=list(dims) if dims is not None else None,
         sigma_upper=value, upper_method=method, lipschitz=value, note=note,
     )
     return Outcome(factors={0: value}, row=row)
@@ -117,7 +117,7 @@ def reduce_mean(ctx: Context, node: Node, data: list[int]) -> Outcome:
     # Mean over n values: the map has norm exactly 1/sqrt(n); a sum sqrt(n).
     value = math.sqrt(n) if node.op == "ReduceSum" else 1 / math.sqrt(n)
     row = LayerRow(
-        name=node.name, op=node.op, kind="pool", input_shape=list(shape), sigma=value,
+        name=node.name, op=node.op, kind=RowKind.POOL, input_shape=list(shape), sigma=value,
         sigma_upper=value, upper_method="exact", lipschitz=value, iterations=0, converged=True,
     )
     return Outcome(factors={0: value}, row=row)

@@ -14,7 +14,7 @@ import torch
 from .. import names, snorm, spectral
 from ..aliases import ProgressFn
 from ..heads import Heads
-from ..report import LayerRow, SkippedOp
+from ..report import LayerRow, RowKind, SkippedOp
 
 PASSIVE_LEAVES = {"bias", "running_mean", "num_batches_tracked"}
 
@@ -96,7 +96,7 @@ def _matrix_row(name: str, key: str, w: torch.Tensor, settings: spectral.Setting
     fan_out, fan_in = (w.shape[1], w.shape[0]) if parsed.in_first else (w.shape[0], w.shape[1])
     embedding = parsed.role == "embed"
     row = LayerRow(name=name, op="Embedding" if embedding else "Linear",
-                   kind="embedding" if embedding else "linear", sigma=est.sigma, sigma_upper=cert.value,
+                   kind=RowKind.EMBEDDING if embedding else RowKind.LINEAR, sigma=est.sigma, sigma_upper=cert.value,
                    upper_method=cert.method, lipschitz=cert.value, iterations=est.iterations,
                    converged=est.converged, block=parsed.block, role=parsed.role,
                    upper_kind=bound.kind, failure_probability=bound.failure_probability)
@@ -123,7 +123,7 @@ def _head_rows(matrix: LayerRow, key: str, w: torch.Tensor, heads: Heads,
     for h, block in enumerate(blocks):
         bound = spectral.dense_bound(block.contiguous(), settings)
         est, cert = bound.estimate, bound.upper
-        row = LayerRow(name=f"{matrix.name}[h{h}]", op="Linear", kind="head", sigma=est.sigma,
+        row = LayerRow(name=f"{matrix.name}[h{h}]", op="Linear", kind=RowKind.HEAD, sigma=est.sigma,
                        sigma_upper=cert.value, upper_method=cert.method, lipschitz=cert.value,
                        iterations=est.iterations, converged=est.converged, block=matrix.block,
                        role=matrix.role, upper_kind=bound.kind, failure_probability=bound.failure_probability,
@@ -187,14 +187,14 @@ def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings
             if var is None:
                 var = torch.full_like(w, math.nan)
             value = float((w.abs() / torch.sqrt(var + 1e-5)).max()) if w.numel() else 0.0
-            rows.append(LayerRow(name=layer, op="BatchNorm", kind="diagonal", sigma=value,
+            rows.append(LayerRow(name=layer, op="BatchNorm", kind=RowKind.DIAGONAL, sigma=value,
                                  sigma_upper=value, upper_method="exact (eps=1e-5)",
                                  lipschitz=value, iterations=0, converged=True))
         elif 2 <= t.ndim <= 5 and w.numel() == 0:
             # A map from or to an empty space is the zero map: norm 0, exactly.
             rows.append(LayerRow(name=key if leaf != "weight" else layer,
                                  op="Linear" if t.ndim == 2 else f"Conv{t.ndim - 2}d",
-                                 kind="linear" if t.ndim == 2 else "conv", sigma=0.0,
+                                 kind=RowKind.LINEAR if t.ndim == 2 else RowKind.CONV, sigma=0.0,
                                  sigma_upper=0.0, upper_method="exact (empty)", lipschitz=0.0,
                                  iterations=0, converged=True, note=f"0-size weight {list(t.shape)}"))
         elif t.ndim == 2:
@@ -219,7 +219,7 @@ def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings
             cert = spectral.conv_reshape_upper_bound(w, 1)
             rows.append(LayerRow(
                 name=key if leaf != "weight" else layer,
-                op=f"Conv{'Transpose' if transposed else ''}{t.ndim - 2}d", kind="conv",
+                op=f"Conv{'Transpose' if transposed else ''}{t.ndim - 2}d", kind=RowKind.CONV,
                 sigma_matrix=est.sigma, sigma_upper=cert.value, upper_method=cert.method,
                 lipschitz=cert.value, iterations=est.iterations, converged=est.converged,
                 note="no graph: input size unknown; sigma_upper holds for any input size, "
