@@ -234,13 +234,21 @@ def normalize_table(result: Any) -> Table:
     """Before/after per layer for ``lipcheck normalize``."""
     t = Table(title=escape(f"lipcheck normalize: {result.before.model.path} -> {result.output}"),
               title_justify="left")
-    for col, right in (("layer", False), ("op", False), ("before (cert.)", True), ("target", True),
-                       ("scale", True), ("after sigma", True), ("after cert.", True), ("", False)):
+    # The upper bounds are certified unless their row says probabilistic: mark those as inspect does.
+    before_kind = {r.name: r.upper_kind for r in result.before.layers}
+    after_kind = {r.name: r.upper_kind for r in result.after.layers} if result.after else {}
+
+    def upper(value: float | None, kind: str | None) -> str:
+        return fmt(value) + (PROBABILISTIC_MARK if kind == "probabilistic" and value is not None else "")
+
+    for col, right in (("layer", False), ("op", False), ("before (upper)", True), ("target", True),
+                       ("scale", True), ("after sigma", True), ("after upper", True), ("", False)):
         t.add_column(col, justify="right" if right else "left", no_wrap=col != "layer")
     for c in result.changes:
         status = "ok" if c.ok else ("FAIL" if c.ok is False else (c.skipped or ""))
-        t.add_row(escape(c.name), escape(c.op), fmt(c.before), fmt(c.target), fmt(c.scale), fmt(c.after_sigma),
-                  fmt(c.after_upper), escape(status))
+        t.add_row(escape(c.name), escape(c.op), upper(c.before, before_kind.get(c.name)), fmt(c.target),
+                  fmt(c.scale), fmt(c.after_sigma), upper(c.after_upper, after_kind.get(c.after_name or c.name)),
+                  escape(status))
     return t
 
 
@@ -254,6 +262,11 @@ def normalize_summary(result: Any) -> Text:
     if result.budget is not None:
         text.append(f"   budget {fmt(result.budget)}")
     text.append("\n")
+    rows = result.before.layers + (result.after.layers if result.after else [])
+    if any(r.upper_kind == "probabilistic" for r in rows):
+        text.append(f"{PROBABILISTIC_MARK} probabilistic upper bound: from a random-start Lanczos run, it fails "
+                    "with probability at most the row's failure_probability (--certify exact for certified "
+                    "ones); other upper bounds are certified\n", style="yellow")
     if after is not None and not after.bounded:
         text.append(f"no network bound: {after.reason}\n", style="yellow")
     for failure in result.failures:
