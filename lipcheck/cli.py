@@ -6,7 +6,9 @@ torch, onnx and rich are imported inside the commands, never at module level, so
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import io
 import math
 import os
 import sys
@@ -213,12 +215,40 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
     from .render import progress_bar
 
     settings = make_settings(options)
-    docs = []
-    for model in models:
-        with progress_bar(progress and sys.stderr.isatty()) as callback:
-            analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
-                                    architecture=architecture, empirical=empirical, per_head=per_head)
-        docs.append(analysis.report.to_dict())
+    from . import distributed
+
+    world = distributed.world_from_env()
+    if world is None:
+        docs = []
+        for model in models:
+            with progress_bar(progress and sys.stderr.isatty()) as callback:
+                analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
+                                        architecture=architecture, empirical=empirical, per_head=per_head)
+            docs.append(analysis.report.to_dict())
+        return docs
+    # Under torchrun: every process runs this; the tensors are shared out, rank 0 reports.
+    docs, failure = [], None
+    with distributed.process_group(world):
+        spread = distributed.Spread(world)
+        try:
+            for model in models:
+                with progress_bar(progress and sys.stderr.isatty() and world.leader) as callback:
+                    try:
+                        analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
+                                                architecture=architecture, empirical=empirical,
+                                                per_head=per_head, spread=spread)
+                    except distributed.NotMine:
+                        continue  # a model with a graph: rank 0 analyses it alone
+                docs.append(analysis.report.to_dict())
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it (settle re-raises)
+            failure = exc
+        if not world.leader:
+            # Rank 0 reports (the report, or the error of whichever rank failed) and carries the
+            # exit code; the others end quietly, so the launcher does not stop rank 0 mid-report.
+            with contextlib.suppress(Exception):
+                distributed.settle(world, failure)
+            raise typer.Exit(EXIT_OK)
+        distributed.settle(world, failure)
     return docs
 
 
@@ -227,8 +257,6 @@ def _emit(text: str | None, table: object, output: Path | None, models: list[Pat
     if text is not None:
         write_output(text, output, models)
         return
-    import io
-
     from .render import make_console
 
     if output is None:
@@ -572,9 +600,46 @@ def check_report_path(report: Path, *inputs: Path) -> None:
 FLAGS = {"architecture": "--model"}
 
 
+# Commands that share their work out between processes under torchrun (lipcheck.distributed).
+SPREAD_COMMANDS = ("inspect", "check")
+
+
+def _follower() -> bool:
+    """A process other than rank 0 of a torchrun launch: it prints nothing but exits alike."""
+    return os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") not in ("", "0")
+
+
+def _alone(argv: list[str]) -> None:
+    """Under torchrun, commands that write files or compare (normalize, diff) would run once per
+    process, racing on their outputs: refused, with the command that works."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command in app_commands() and command not in SPREAD_COMMANDS:
+        raise UsageError(f"lipcheck {command} does not share its work between processes: run it "
+                         f"without torchrun (only {' and '.join(SPREAD_COMMANDS)} do)")
+
+
+def app_commands() -> set[str]:
+    return {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; every known error becomes one stderr line."""
+    """Run the CLI and return its exit code; every known error becomes one stderr line (on rank 0
+    alone under torchrun)."""
+    if _follower():
+        # The same arguments and files reach every process: a bad one (exit 2) is reported by
+        # rank 0, and a follower exiting non-zero first would make the launcher stop rank 0
+        # before it says why. A bug (exit 3) still fails the follower.
+        with contextlib.redirect_stderr(io.StringIO()):
+            code = _run(argv)
+        return EXIT_OK if code == UsageError.exit_code else code
+    return _run(argv)
+
+
+def _run(argv: list[str] | None = None) -> int:
     try:
+        _alone(sys.argv[1:] if argv is None else argv)
         result = app(args=argv, prog_name="lipcheck", standalone_mode=False)
         return result if isinstance(result, int) else EXIT_OK
     except typer.Exit as exc:

@@ -21,6 +21,7 @@ from .report import ModelInfo, NetworkResult, Report
 
 if TYPE_CHECKING:
     from .bound import Composition
+    from .distributed import Spread
     from .formats import Loaded
     from .graph import Graph
     from .heads import Heads
@@ -73,10 +74,12 @@ class Analysis:
 def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None,
                  settings: spectral.Settings, *, trust: bool = False,
                  progress: ProgressFn | None = None, architecture: str | None = None,
-                 empirical: bool = False, per_head: bool = False) -> Analysis:
+                 empirical: bool = False, per_head: bool = False, spread: Spread | None = None) -> Analysis:
     """``empirical``: also search for a lower bound by running the model (lipcheck.lower).
     ``per_head``: rows per attention head of q/k/v/o (a model folder whose config.json gives
-    the head counts)."""
+    the head counts). ``spread``: share a weight-only input's tensors out between processes
+    (lipcheck.distributed); a model with a graph is analysed by rank 0 alone (the other ranks
+    get ``distributed.NotMine``)."""
     if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
         raise UsageError(f"{{param}} must be positive dims, batch first, got {input_shape}", param="input_shape")
     if isinstance(source, torch.nn.Module):
@@ -100,7 +103,13 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None
         if heads is None or loaded.tensors is None:
             raise UsageError("{param} needs a model folder whose config.json gives num_attention_heads "
                              "(and hidden_size or head_dim)", param="per_head")
-    analysis = analyze_loaded(loaded, info, settings, progress, heads)
+    if spread is not None and loaded.onnx_model is not None:
+        from .distributed import GRAPH_NOTE, NotMine
+
+        if not spread.leader:
+            raise NotMine(info.path)
+        loaded.notes.append(GRAPH_NOTE)
+    analysis = analyze_loaded(loaded, info, settings, progress, heads, spread)
     if empirical:
         from .lower import attach
 
@@ -123,7 +132,8 @@ def _estimates_within_certificates(rows: list[Any]) -> None:
 
 
 def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
-                   progress: ProgressFn | None = None, heads: Heads | None = None) -> Analysis:
+                   progress: ProgressFn | None = None, heads: Heads | None = None,
+                   spread: Spread | None = None) -> Analysis:
     if loaded.onnx_model is not None:
         from .bound import compose
         from .graph import build_graph
@@ -148,7 +158,7 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
     notes = list(loaded.notes)
     from .rules.tensors import tensor_rows
 
-    rows, skipped = tensor_rows(loaded.tensors or {}, settings, notes, progress, heads)
+    rows, skipped = tensor_rows(loaded.tensors or {}, settings, notes, progress, heads, spread)
     _estimates_within_certificates(rows)
     network = NetworkResult(lipschitz_bound=None, lipschitz_estimate=None, bounded=False,
                             certified=False, reason=loaded.why_no_graph)

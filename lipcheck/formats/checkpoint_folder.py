@@ -48,6 +48,12 @@ class ShardedTensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.where[name][name]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape from its shard's header (safetensors) or its mapped storage."""
+        shard = self.where[name]
+        read_shape = getattr(shard, "shape", None)
+        return tuple(read_shape(name)) if callable(read_shape) else tuple(shard[name].shape)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.order)
 

@@ -7,7 +7,8 @@ replaced by the weight the layer really uses (see :mod:`lipcheck.snorm`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +57,10 @@ class _EffectiveWeights(Mapping[str, torch.Tensor]):
                 raise KeyError(key)
             return self.base[key]
         return snorm.effective_weight(self.base[sn.original], self.base[sn.u], self.base[sn.v])[0]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        sn = self.computed.get(key)
+        return shape_of(self.base, sn.original if sn is not None else key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.order)
@@ -144,19 +149,45 @@ def _experts_summary(key: str, rows: list[LayerRow]) -> str:
             f"{values[-1][1]}), median {median:.6g}, min {values[0][0]:.6g} (expert {values[0][1]})")
 
 
+@dataclass
+class KeyRows:
+    """What one tensor contributes to the report: its rows, or why it was skipped, or that it
+    is passive (a bias, a BatchNorm statistic); ``note`` and ``misfit`` feed the notes."""
+
+    rows: list[LayerRow] = field(default_factory=list)
+    skipped: list[SkippedOp] = field(default_factory=list)
+    note: str | None = None
+    passive: bool = False
+    misfit: bool = False  # a projection whose shape does not fit the head counts
+
+
+def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """A tensor's shape, from the file's header where the mapping reads lazily (nothing read)."""
+    shape = getattr(tensors, "shape", None)
+    if callable(shape):
+        return tuple(shape(key))
+    return tuple(tensors[key].shape)
+
+
+# Runs ``work`` on each key (in a distributed run: this process's share of them) and returns
+# every key's result in key order; see lipcheck.distributed.
+SpreadFn = Callable[[list[str], Callable[[str], KeyRows], Mapping[str, torch.Tensor]], list[KeyRows]]
+
+
 def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings, notes: list[str],
                 progress: ProgressFn | None = None,
-                heads: Heads | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
+                heads: Heads | None = None, spread: SpreadFn | None = None) -> tuple[list[LayerRow], list[SkippedOp]]:
     """Per-tensor numbers for weights without a graph: 2-D = a linear layer, 3-5-D = a
     conv kernel (reshaped norm and a size-independent certified bound), BatchNorm from
     its weight and running_var. Every other tensor is either passive (biases, BatchNorm
     statistics: counted in a note) or listed under skipped with the reason. ``tensors`` may
     read each tensor from disk when asked for: one is held at a time. With ``heads``, the
-    q/k/v/o projections also get one row per attention head (``<name>[h3]``, kind "head")."""
+    q/k/v/o projections also get one row per attention head (``<name>[h3]``, kind "head").
+    ``spread``: shares the tensors out between processes (lipcheck.distributed); the rows are
+    the same, in the same order, as without it."""
     rows: list[LayerRow] = []
-    misfit: list[str] = []  # projections whose shape does not fit the head counts
+    misfit: list[str] = []
     skipped: list[SkippedOp] = []
-    passive = 0  # biases and BatchNorm statistics: no effect on a Lipschitz constant
     found = snorm.find(tensors)
     sn_notes = _sn_notes(tensors, found, skipped)
     sn_vectors = 2 * len(found)
@@ -165,81 +196,25 @@ def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings
                                               if (sn.layer + ".weight" if sn.layer != "weight" else "weight")
                                               in sn_notes})
     keys = list(tensors)
-    for i, key in enumerate(keys):
+    done = 0
+
+    def work(key: str) -> KeyRows:
+        nonlocal done
         if progress is not None:
-            progress(i, len(keys), key)
-        t = tensors[key]
-        layer, _, leaf = key.rpartition(".")
-        layer = layer or key
-        bn_weight = tensors.get(f"{layer}.weight") if leaf == "running_var" else None
-        bn_stat = (isinstance(bn_weight, torch.Tensor) and bn_weight.ndim == 1 and bn_weight.shape == t.shape)
-        if leaf in PASSIVE_LEAVES or leaf.startswith("bias_") or bn_stat:
-            passive += 1
-            continue
-        head_rows: list[LayerRow] | None = None
-        w, how = _float_weight(t)
-        if w is None:
-            skipped.append(SkippedOp(key, "tensor", how))
-            continue
-        var_t = tensors.get(f"{layer}.running_var") if leaf == "weight" and t.ndim == 1 else None
-        if leaf == "weight" and t.ndim == 1 and isinstance(var_t, torch.Tensor) and var_t.shape == t.shape:
-            var, _ = _float_weight(var_t)
-            if var is None:
-                var = torch.full_like(w, math.nan)
-            value = float((w.abs() / torch.sqrt(var + 1e-5)).max()) if w.numel() else 0.0
-            rows.append(LayerRow(name=layer, op="BatchNorm", kind=RowKind.DIAGONAL, sigma=value,
-                                 sigma_upper=value, upper_method="exact (eps=1e-5)",
-                                 lipschitz=value, iterations=0, converged=True))
-        elif 2 <= t.ndim <= 5 and w.numel() == 0:
-            # A map from or to an empty space is the zero map: norm 0, exactly.
-            rows.append(LayerRow(name=key if leaf != "weight" else layer,
-                                 op="Linear" if t.ndim == 2 else f"Conv{t.ndim - 2}d",
-                                 kind=RowKind.LINEAR if t.ndim == 2 else RowKind.CONV, sigma=0.0,
-                                 sigma_upper=0.0, upper_method="exact (empty)", lipschitz=0.0,
-                                 iterations=0, converged=True, note=f"0-size weight {list(t.shape)}"))
-        elif t.ndim == 2:
-            rows.append(_matrix_row(key if leaf != "weight" else layer, key, w, settings))
-            if key in sn_notes:
-                rows[-1].sigma_matrix = rows[-1].sigma  # a matrix's reshaped norm is its norm
-            if heads is not None and rows[-1].role in HEAD_ROLES:
-                head_rows = _head_rows(rows[-1], key, w, heads, settings)
-                if head_rows is None:
-                    misfit.append(key)
-        elif t.ndim == 3 and "experts" in key.split("."):
-            expert_rows = [_matrix_row(f"{key}[{e}]", key, w[e], settings) for e in range(w.shape[0])]
-            rows.extend(expert_rows)
-            notes.append(_experts_summary(key, expert_rows))
-            continue
-        elif 3 <= t.ndim <= 5:
-            # A spectrally normalized ConvTranspose (SN reshapes it along dim 1) is reported
-            # with SN's own reshape; the certificate is the same for a conv and its adjoint.
-            transposed = key in sn_notes and sn_notes[key][2] == 1
-            reshaped = snorm.as_matrix(w, 1) if transposed else w.reshape(w.shape[0], -1)
-            est = spectral.matrix_estimate(reshaped, settings)
-            cert = spectral.conv_reshape_upper_bound(w, 1)
-            rows.append(LayerRow(
-                name=key if leaf != "weight" else layer,
-                op=f"Conv{'Transpose' if transposed else ''}{t.ndim - 2}d", kind=RowKind.CONV,
-                sigma_matrix=est.sigma, sigma_upper=cert.value, upper_method=cert.method,
-                lipschitz=cert.value, iterations=est.iterations, converged=est.converged,
-                note="no graph: input size unknown; sigma_upper holds for any input size, "
-                     "stride, dilation and groups with zero padding",
-            ))
-        elif t.ndim == 1 and names.parse(key).role == "norm":
-            skipped.append(SkippedOp(key, "tensor", "1-D tensor, the scale of a normalization (LayerNorm/RMSNorm "
-                                                    "gamma): not a linear map on its own"))
-            continue
-        else:
-            skipped.append(SkippedOp(key, "tensor", f"{t.ndim}-D tensor: not a layer weight lipcheck knows"))
-            continue
-        if how:
-            rows[-1].note = f"{how} ({t.dtype}); " + (rows[-1].note or "")
-            rows[-1].note = rows[-1].note.rstrip("; ")
-        if key in sn_notes:
-            style, text, _ = sn_notes[key]
-            rows[-1].spectral_norm = style
-            rows[-1].note = f"{text}; {rows[-1].note}" if rows[-1].note else text
-        rows.extend(head_rows or [])  # after the matrix's own row and its notes
+            progress(done, len(keys), key)
+        done += 1
+        return _key_rows(tensors, key, settings, heads, sn_notes)
+
+    results = [work(key) for key in keys] if spread is None else spread(keys, work, tensors)
+    passive = 0
+    for key, result in zip(keys, results):
+        rows.extend(result.rows)
+        skipped.extend(result.skipped)
+        passive += result.passive
+        if result.note:
+            notes.append(result.note)
+        if result.misfit:
+            misfit.append(key)
     if progress is not None:
         progress(len(keys), len(keys), "")
     if heads is not None:
@@ -257,3 +232,82 @@ def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings
         if row.lipschitz is not None and not math.isfinite(row.lipschitz):
             row.note = "weight has NaN or Inf"
     return rows, skipped
+
+
+def _key_rows(tensors: Mapping[str, torch.Tensor], key: str, settings: spectral.Settings,
+              heads: Heads | None, sn_notes: dict[str, tuple[str, str, int]]) -> KeyRows:
+    """The rows of one tensor (``tensors`` gives its neighbours: a BatchNorm weight's
+    running_var)."""
+    out = KeyRows()
+    rows, skipped = out.rows, out.skipped
+    t = tensors[key]
+    layer, _, leaf = key.rpartition(".")
+    layer = layer or key
+    bn_weight = tensors.get(f"{layer}.weight") if leaf == "running_var" else None
+    bn_stat = (isinstance(bn_weight, torch.Tensor) and bn_weight.ndim == 1 and bn_weight.shape == t.shape)
+    if leaf in PASSIVE_LEAVES or leaf.startswith("bias_") or bn_stat:
+        return KeyRows(passive=True)
+    head_rows: list[LayerRow] | None = None
+    w, how = _float_weight(t)
+    if w is None:
+        return KeyRows(skipped=[SkippedOp(key, "tensor", how)])
+    var_t = tensors.get(f"{layer}.running_var") if leaf == "weight" and t.ndim == 1 else None
+    if leaf == "weight" and t.ndim == 1 and isinstance(var_t, torch.Tensor) and var_t.shape == t.shape:
+        var, _ = _float_weight(var_t)
+        if var is None:
+            var = torch.full_like(w, math.nan)
+        value = float((w.abs() / torch.sqrt(var + 1e-5)).max()) if w.numel() else 0.0
+        rows.append(LayerRow(name=layer, op="BatchNorm", kind=RowKind.DIAGONAL, sigma=value,
+                             sigma_upper=value, upper_method="exact (eps=1e-5)",
+                             lipschitz=value, iterations=0, converged=True))
+    elif 2 <= t.ndim <= 5 and w.numel() == 0:
+        # A map from or to an empty space is the zero map: norm 0, exactly.
+        rows.append(LayerRow(name=key if leaf != "weight" else layer,
+                             op="Linear" if t.ndim == 2 else f"Conv{t.ndim - 2}d",
+                             kind=RowKind.LINEAR if t.ndim == 2 else RowKind.CONV, sigma=0.0,
+                             sigma_upper=0.0, upper_method="exact (empty)", lipschitz=0.0,
+                             iterations=0, converged=True, note=f"0-size weight {list(t.shape)}"))
+    elif t.ndim == 2:
+        rows.append(_matrix_row(key if leaf != "weight" else layer, key, w, settings))
+        if key in sn_notes:
+            rows[-1].sigma_matrix = rows[-1].sigma  # a matrix's reshaped norm is its norm
+        if heads is not None and rows[-1].role in HEAD_ROLES:
+            head_rows = _head_rows(rows[-1], key, w, heads, settings)
+            if head_rows is None:
+                out.misfit = True
+    elif t.ndim == 3 and "experts" in key.split("."):
+        expert_rows = [_matrix_row(f"{key}[{e}]", key, w[e], settings) for e in range(w.shape[0])]
+        rows.extend(expert_rows)
+        out.note = _experts_summary(key, expert_rows)
+        return out
+    elif 3 <= t.ndim <= 5:
+        # A spectrally normalized ConvTranspose (SN reshapes it along dim 1) is reported
+        # with SN's own reshape; the certificate is the same for a conv and its adjoint.
+        transposed = key in sn_notes and sn_notes[key][2] == 1
+        reshaped = snorm.as_matrix(w, 1) if transposed else w.reshape(w.shape[0], -1)
+        est = spectral.matrix_estimate(reshaped, settings)
+        cert = spectral.conv_reshape_upper_bound(w, 1)
+        rows.append(LayerRow(
+            name=key if leaf != "weight" else layer,
+            op=f"Conv{'Transpose' if transposed else ''}{t.ndim - 2}d", kind=RowKind.CONV,
+            sigma_matrix=est.sigma, sigma_upper=cert.value, upper_method=cert.method,
+            lipschitz=cert.value, iterations=est.iterations, converged=est.converged,
+            note="no graph: input size unknown; sigma_upper holds for any input size, "
+                 "stride, dilation and groups with zero padding",
+        ))
+    elif t.ndim == 1 and names.parse(key).role == "norm":
+        skipped.append(SkippedOp(key, "tensor", "1-D tensor, the scale of a normalization (LayerNorm/RMSNorm "
+                                                "gamma): not a linear map on its own"))
+        return out
+    else:
+        skipped.append(SkippedOp(key, "tensor", f"{t.ndim}-D tensor: not a layer weight lipcheck knows"))
+        return out
+    if how:
+        rows[-1].note = f"{how} ({t.dtype}); " + (rows[-1].note or "")
+        rows[-1].note = rows[-1].note.rstrip("; ")
+    if key in sn_notes:
+        style, text, _ = sn_notes[key]
+        rows[-1].spectral_norm = style
+        rows[-1].note = f"{text}; {rows[-1].note}" if rows[-1].note else text
+    rows.extend(head_rows or [])  # after the matrix's own row and its notes
+    return out
