@@ -47,6 +47,7 @@ def test_eclipse_fast_exact_on_a_single_scalar_path():
     assert value is not None and value >= 6.0 and value == pytest.approx(6.0, rel=1e-6)
 
 
+@pytest.mark.e2e  # an SDP solve
 def test_lipsdp_reference_where_installed():
     cp = pytest.importorskip("cvxpy")
     model = _mlp(nn.ReLU, 3, True)

@@ -45,7 +45,7 @@ def test_linear_map_lower_bound_is_its_norm():
     assert "seed 3" in found.note
 
 
-@pytest.mark.parametrize("case", ["mlp", "trained", "cnn"])
+@pytest.mark.parametrize("case", ["mlp", "trained", pytest.param("cnn", marks=pytest.mark.e2e)])
 def test_empirical_never_exceeds_the_certified_bound(case):
     if case == "mlp":
         model, shape = lt.make_mlp(1)
@@ -93,6 +93,7 @@ def test_model_that_cannot_be_run_gets_a_note(tmp_path):
         assert rep.network.lipschitz_lower <= rep.network.lipschitz_bound
 
 
+@pytest.mark.e2e  # the whole --empirical workflow through the CLI
 def test_cli_empirical_json_and_table(cli, samples):
     code, out, err = cli("inspect", samples / "mlp.onnx", "--empirical", "-f", "json", "--device", "cpu")
     assert code == 0, err

@@ -97,6 +97,7 @@ class SpectralAttention(nn.Module):
         return self.head(self.attn(h, h, h, need_weights=False)[0])
 
 
+@pytest.mark.e2e  # traces a transformer
 def test_spectral_norm_beside_fused_attention(tmp_path: Path, cli: Cli) -> None:
     """Traced without grad, attention is stored as the fused kernel: the legacy exporter
     fails, the dynamo route decomposes it, and the vdot of spectral_norm exports there too."""
@@ -121,7 +122,8 @@ def encoder_layer(**kwargs: object) -> nn.TransformerEncoderLayer:
     return nn.TransformerEncoderLayer(EMBED, 2, 32, batch_first=True, **kwargs).eval()  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("how", ["pickled", "traced", "traced-no-grad", "traced-no-grad-norm-first-gelu"])
+@pytest.mark.parametrize("how", ["pickled"] + [pytest.param(h, marks=pytest.mark.e2e) for h in  # traced: e2e
+                                     ("traced", "traced-no-grad", "traced-no-grad-norm-first-gelu")])
 def test_transformer_encoder_layer_every_linear_row(tmp_path: Path, cli: Cli, how: str) -> None:
     layer = encoder_layer(**({"norm_first": True, "activation": "gelu"} if "gelu" in how else {}))
     path = tmp_path / "enc.pt"
