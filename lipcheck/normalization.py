@@ -300,7 +300,8 @@ def _source_module(analysis: Analysis, source: Path, trust: bool) -> nn.Module:
             raise InputError(f"onnx2torch cannot convert this model ({type(exc).__name__}: {first}); "
                              "use --mode bake") from None
     if fmt in (Kind.PICKLED_MODULE, Kind.CHECKPOINT_MODULE):
-        from .formats.torch_format import find_module, torch_load
+        from .formats.state_dicts import find_module
+        from .formats.torch_pickle import torch_load
 
         obj = torch_load(source, trust)
         module = obj if isinstance(obj, nn.Module) else find_module(obj)

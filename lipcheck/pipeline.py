@@ -84,7 +84,7 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None
         raise UsageError(f"{{param}} must be positive dims, batch first, got {input_shape}", param="input_shape")
     if isinstance(source, torch.nn.Module):
         from .formats import Kind
-        from .formats.torch_format import from_module
+        from .formats.module_export import from_module
 
         loaded: Loaded = from_module(source, Kind.MODULE, input_shape)
         info = ModelInfo(path="<in-memory>", sha256="", format=loaded.format.value)

@@ -230,7 +230,7 @@ def load(path: Path, *, trust: bool = False, input_shape: tuple[int, ...] | None
         tensors = load_safetensors(path)
         if architecture is not None:
             from .. import architecture as arch
-            from .torch_format import from_module
+            from .module_export import from_module
 
             module = arch.build(architecture, trust=trust)
             arch.load_weights(module, tensors, architecture, path)

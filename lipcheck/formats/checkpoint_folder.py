@@ -87,7 +87,7 @@ def _open_shard(path: Path) -> Mapping[str, torch.Tensor]:
         from .safetensors_format import SafetensorsFile
 
         return SafetensorsFile(path)
-    from .torch_format import check_zip_sizes
+    from .torch_pickle import check_zip_sizes
 
     check_zip_sizes(path)
     try:

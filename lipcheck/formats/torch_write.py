@@ -14,7 +14,9 @@ from ..errors import InputError, UntrustedInputError
 from ..files import atomic_write
 from ..rewrite import Rewrite
 from . import Kind
-from .torch_format import STATE_KEYS, find_module, is_tensor_dict, jit_load, stripped_names, torch_load
+from .state_dicts import STATE_KEYS, find_module, is_tensor_dict, stripped_names
+from .torch_pickle import torch_load
+from .torchscript import jit_load
 
 
 def save_scaled(kind: Kind, source: Path, output: Path, rewrite: Rewrite, trust: bool) -> None:
