@@ -9,6 +9,7 @@ range of its columns. A head's sigma is at most its matrix's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,3 +52,129 @@ class Heads:
         if w.shape[0] != count * self.head_dim:
             return None
         return [w[h * self.head_dim:(h + 1) * self.head_dim] for h in range(count)]
+
+
+# --------------------------------------------------------------------------- attention logits
+#
+# For a pre-norm block whose q and k projections read the output of the block's input norm
+# (RMSNorm or LayerNorm, weight γ, bias β: zero for RMSNorm):
+#
+#   the normalized vector x̂ = x / sqrt(mean(x²) + ε) (LayerNorm: x - mean(x) first) has
+#   ‖x̂‖² = d·mean(x²) / (mean(x²) + ε) ≤ d, so the norm's output y = γ ⊙ x̂ + β has
+#   ‖y‖ ≤ r = max|γ|·√d + ‖β‖ for every input, whatever its scale;
+#   q = W_Q^h y + b_Q^h has ‖q‖ ≤ σ(W_Q^h)·r + ‖b_Q^h‖, k likewise with the head's key/value
+#   group; rotary embeddings rotate q and k per position (orthogonal), which keeps their norms;
+#   so by Cauchy–Schwarz |q_i·k_j| / √d_head ≤ ‖q_i‖·‖k_j‖ / √d_head.
+#
+# Bias-free, this is σ(W_Q^h)·σ(W_K^h)·d·max|γ|² / √d_head. With QK-norm (Qwen3's q_norm and
+# k_norm: an RMSNorm over each head's q and k, after the projections), ‖q‖ ≤ max|γ_q|·√d_head
+# and ‖k‖ ≤ max|γ_k|·√d_head, so the bound is max|γ_q|·max|γ_k|·√d_head, whatever the weights.
+# σ(W) is the row's upper bound (certified, or probabilistic when the row's is).
+
+INPUT_NORMS = ("input_layernorm", "ln_1", "attention_norm", "self_attn_layer_norm", "norm1", "ln_attn")
+ASSUMPTIONS = ("logit bounds |q_i.k_j|/sqrt(d_head) per head: pre-norm blocks whose q and k read the "
+               "block's input norm ({norms}); the bound holds for every input, sequence length and "
+               "position (rotary embeddings keep norms); with QK-norm it is max|g_q| max|g_k| sqrt(d_head)")
+
+
+@dataclass
+class LogitBound:
+    """A bound on one head's attention logits |q_i·k_j|/√d_head, from the weights alone."""
+
+    block: int
+    head: int
+    kv_head: int
+    bound: float
+    method: str  # "input-norm" or "qk-norm"
+    upper_kind: str  # of the sigma upper bounds it is built on: certified or probabilistic
+    failure_probability: float | None = None
+
+
+def _block_keys(keys: list[str]) -> dict[int, dict[str, str]]:
+    """block -> {"q", "k", "norm", "q_norm", "k_norm"}: the keys of its weights."""
+    from . import names
+
+    found: dict[int, dict[str, str]] = {}
+    for key in keys:
+        if not key.endswith(".weight"):
+            continue
+        parsed = names.parse(key)
+        if parsed.block is None or parsed.expert is not None:
+            continue
+        stem = key[: -len(".weight")]
+        leaf = stem.rpartition(".")[2]
+        slot = parsed.role if parsed.role in ("q", "k") else None
+        if leaf in INPUT_NORMS:
+            slot = "norm"
+        elif leaf in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"):
+            slot = leaf[0] + "_norm"
+        if slot is not None:
+            found.setdefault(parsed.block, {})[slot] = key
+    return found
+
+
+def _vector(tensors: Any, key: str) -> torch.Tensor | None:
+    try:
+        t = tensors[key]
+    except KeyError:
+        return None
+    if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == 1):
+        return None
+    return t.detach().to(torch.float64)
+
+
+def logit_bounds(rows: list[Any], tensors: Any, heads: Heads) -> tuple[list[LogitBound], list[str]]:
+    """Per block and query head, a bound on the attention logits (see above), and notes on the
+    blocks it does not apply to. ``rows``: the report's rows, head rows included."""
+    head_rows = {(r.block, r.role, r.name.rpartition("[h")[0], r.name.rpartition("[h")[2].rstrip("]")): r
+                 for r in rows if r.kind == "head"}
+    by_matrix: dict[tuple[int, str], dict[int, Any]] = {}
+    for (block, role, _, h), r in head_rows.items():
+        if role in ("q", "k") and block is not None and h.isdigit():
+            by_matrix.setdefault((block, role), {})[int(h)] = r
+    group = heads.heads // heads.kv_heads if heads.kv_heads and heads.heads % heads.kv_heads == 0 else None
+    out: list[LogitBound] = []
+    missing: list[str] = []
+    root_d = math.sqrt(heads.head_dim)
+    for block, keys in sorted(_block_keys(list(tensors)).items()):
+        if "q" not in keys or "k" not in keys or group is None:
+            continue
+        q_norm = _vector(tensors, keys["q_norm"]) if "q_norm" in keys else None
+        k_norm = _vector(tensors, keys["k_norm"]) if "k_norm" in keys else None
+        if q_norm is not None and k_norm is not None:
+            value = float(q_norm.abs().max()) * float(k_norm.abs().max()) * root_d
+            out += [LogitBound(block, h, h // group, value, "qk-norm", "certified") for h in range(heads.heads)]
+            continue
+        gamma = _vector(tensors, keys["norm"]) if "norm" in keys else None
+        q_rows, k_rows = by_matrix.get((block, "q"), {}), by_matrix.get((block, "k"), {})
+        if gamma is None or len(q_rows) != heads.heads or len(k_rows) != heads.kv_heads:
+            missing.append(str(block))
+            continue
+        beta = _vector(tensors, keys["norm"][: -len(".weight")] + ".bias")
+        radius = float(gamma.abs().max()) * math.sqrt(gamma.numel()) + (float(beta.norm()) if beta is not None else 0.0)
+        biases = {role: _vector(tensors, keys[role][: -len(".weight")] + ".bias") for role in ("q", "k")}
+        for h in range(heads.heads):
+            q, k = q_rows[h], k_rows[h // group]
+            if q.sigma_upper is None or k.sigma_upper is None:
+                continue
+            q_len = q.sigma_upper * radius + _bias_norm(biases["q"], h, heads.head_dim)
+            k_len = k.sigma_upper * radius + _bias_norm(biases["k"], h // group, heads.head_dim)
+            kinds = {q.upper_kind, k.upper_kind}
+            probabilistic = "probabilistic" in kinds
+            delta = sum(r.failure_probability or 0.0 for r in (q, k)) if probabilistic else None
+            out.append(LogitBound(block, h, h // group, q_len * k_len / root_d, "input-norm",
+                                  "probabilistic" if probabilistic else "certified", delta))
+    notes = []
+    if out:
+        notes.append(ASSUMPTIONS.format(norms=", ".join(INPUT_NORMS)))
+    if missing:
+        notes.append(f"no logit bound for block(s) {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}: "
+                     "their input norm weight or q/k head rows were not found")
+    return out, notes
+
+
+def _bias_norm(bias: torch.Tensor | None, head: int, head_dim: int) -> float:
+    if bias is None:
+        return 0.0
+    part = bias[head * head_dim:(head + 1) * head_dim]
+    return float(part.norm()) if part.numel() == head_dim else math.inf

@@ -160,10 +160,16 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
 
     rows, skipped = tensor_rows(loaded.tensors or {}, settings, notes, progress, heads, spread)
     _estimates_within_certificates(rows)
+    logits: list[Any] = []
+    if heads is not None:
+        from .heads import logit_bounds
+
+        logits, logit_notes = logit_bounds(rows, loaded.tensors or {}, heads)
+        notes.extend(logit_notes)
     network = NetworkResult(lipschitz_bound=None, lipschitz_estimate=None, bounded=False,
                             certified=False, reason=loaded.why_no_graph)
     report = Report(model=info, settings=settings_dict(settings), layers=rows, network=network,
-                    skipped=skipped, notes=notes)
+                    skipped=skipped, notes=notes, logit_bounds=logits)
     return Analysis(report, loaded)
 
 

@@ -188,6 +188,8 @@ def summary(doc: dict[str, Any]) -> Text:
                     "random-start Lanczos run (Kuczyński & Woźniakowski 1992), it fails with probability "
                     f"at most δ={', '.join(f'{d:.3g}' for d in deltas)} per layer; the bounds built on it "
                     "are probabilistic too (--certify exact for certified ones)\n", style="yellow")
+    if doc.get("logit_bounds"):
+        text.append(_logit_summary(doc["logit_bounds"]))
     for s in doc["skipped"]:
         text.append(f"skipped {s['name']} ({s['op']}): {s['reason']}\n", style="yellow")
     for note in doc["notes"]:
@@ -228,6 +230,17 @@ def progress_bar(enabled: bool) -> Iterator[object]:
             bar.update(task, completed=done, total=total, layer=name[:40])
 
         yield update
+
+
+def _logit_summary(bounds: list[dict[str, Any]]) -> str:
+    """One line: the largest logit bound of each block's heads (the JSON has every head)."""
+    worst: dict[int, dict[str, Any]] = {}
+    for b in bounds:
+        if b["bound"] is not None and (b["block"] not in worst or b["bound"] > worst[b["block"]]["bound"]):
+            worst[b["block"]] = b
+    parts = [f"{k}: {fmt(v['bound'])} (h{v['head']}){PROBABILISTIC_MARK if v['upper_kind'] == 'probabilistic' else ''}"
+             for k, v in sorted(worst.items())]
+    return "attention logit bound |q.k|/sqrt(d_head), largest head per block: " + ", ".join(parts) + "\n"
 
 
 def normalize_table(result: Any) -> Table:

@@ -125,6 +125,9 @@ class Report:
     network: NetworkResult
     skipped: list[SkippedOp] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # with --per-head: bounds on each head's attention logits (lipcheck.heads.LogitBound);
+    # in the JSON only when there are some
+    logit_bounds: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
@@ -139,6 +142,8 @@ class Report:
             "skipped": [asdict(s) for s in self.skipped],
             "notes": list(self.notes),
         }
+        if self.logit_bounds:
+            doc["logit_bounds"] = [asdict(b) for b in self.logit_bounds]
         return json_safe(doc)
 
 
