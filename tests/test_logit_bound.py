@@ -144,7 +144,7 @@ def test_biases_are_counted(tmp_path: Path) -> None:
 def test_qk_norm_bound(tmp_path: Path) -> None:
     t = _llama(3, qk_norm=True)
     bounds = _bounds(_folder(tmp_path / "m", t))
-    for (block, head), b in bounds.items():
+    for (block, _), b in bounds.items():
         p = f"model.layers.{block}.self_attn."
         expected = (float(t[p + "q_norm.weight"].abs().max()) * float(t[p + "k_norm.weight"].abs().max())
                     * math.sqrt(DH))
