@@ -23,7 +23,7 @@ for float64 rounding), and lam = 1 / (2 m^2 lambda_max(W M^{-1} W^T)) as ECLipsE
 definite); for p < 0 lam is halved until M and X' are positive definite (checked by
 Cholesky). Finally |W_l u_l|^2 <= lambda_max(W_l^T W_l X_{l-1}^{-1}) u_l^T X_{l-1} u_l, so
 L^2 = lambda_max(C^{-1} W_l^T W_l C^{-T}) with X_{l-1} = C C^T, taken as |W_l C^{-T}|_2^2
-(an SVD in float64, raised by a relative 1e-9).
+(the top eigenvalue of a float64 Gram matrix, raised by a relative 1e-9).
 
 Scaling one W_i by t > 0 scales the result by t exactly (each X_j after it scales by 1/t^2),
 as it does the function's constant: so normalize's rescaling of a layer rescales the chain's
@@ -42,6 +42,9 @@ from .rules import Context, Outcome
 from .rules.elementwise import activation_slopes
 
 MARGIN = 1e-9  # relative room for rounding, kept below X' and added to the result
+# Each layer costs a few width³ factorisations: above this width (about 1 s at 1024 on 2 CPU
+# cores) the chain keeps the product, and its last row says so.
+MAX_WIDTH = 1024
 MAX_HALVINGS = 40
 
 
@@ -60,10 +63,21 @@ def _chol(mat: np.ndarray) -> np.ndarray | None:
         return None
 
 
+def _solve_lower(c: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """C^{-1} rhs for a lower-triangular C (a triangular solve: a third of a general one)."""
+    import torch
+
+    return torch.linalg.solve_triangular(torch.from_numpy(c), torch.from_numpy(np.ascontiguousarray(rhs)),
+                                         upper=False).numpy()
+
+
 def _lmax_whitened(w: np.ndarray, c: np.ndarray) -> float:
-    """lambda_max(W (C C^T)^{-1} W^T) = |W C^{-T}|_2^2."""
-    b = np.linalg.solve(c, w.T).T  # W C^{-T}
-    return float(np.linalg.norm(b, 2)) ** 2
+    """lambda_max(W (C C^T)^{-1} W^T) = |W C^{-T}|_2^2, as the top eigenvalue of the smaller
+    Gram matrix of B = C^{-1} W^T (float64 eigvalsh: error about n u of the value, far inside
+    MARGIN)."""
+    b = _solve_lower(c, w.T)
+    gram = b.T @ b if b.shape[1] <= b.shape[0] else b @ b.T
+    return float(np.linalg.eigvalsh((gram + gram.T) / 2)[-1])
 
 
 def eclipse_fast(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, float]]) -> float | None:
@@ -87,7 +101,7 @@ def eclipse_fast(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, fl
         for _ in range(MAX_HALVINGS):
             cm = _chol(x_prev + lam * p * (w.T @ w)) if p != 0 else c
             if cm is not None:
-                b_mat = np.linalg.solve(cm, w.T)  # C_M^{-1} W^T
+                b_mat = _solve_lower(cm, w.T)  # C_M^{-1} W^T
                 k = b_mat.T @ b_mat  # W M^{-1} W^T
                 x_next = lam * (1 - MARGIN) * np.eye(w.shape[0]) - lam * lam * m * m * k
                 if _chol(x_next) is not None:
@@ -114,13 +128,19 @@ def _weight(ctx: Context, node: Node, data: list[int]) -> np.ndarray | None:
         if w is None or w.ndim != 2:
             return None
         mat = w if node.attrs.get("transB", 0) else w.T
-        return abs(float(node.attrs.get("alpha", 1.0))) * mat.astype(np.float64)
+        return abs(float(node.attrs.get("alpha", 1.0))) * _wide(mat)
     if node.op == "MatMul" and data == [0]:
         w = g.const(node.inputs[1])
         if w is None or w.ndim != 2:
             return None
-        return w.T.astype(np.float64)
+        return _wide(w.T)
     return None
+
+
+def _wide(mat: np.ndarray) -> np.ndarray:
+    """float64 for the certificate; a matrix wider than MAX_WIDTH is never used by it (kept as
+    stored, no copy)."""
+    return mat if max(mat.shape) > MAX_WIDTH else mat.astype(np.float64)
 
 
 def _data(graph: Graph, node: Node) -> list[int]:
@@ -200,10 +220,17 @@ def apply_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> int:
         outcomes = [steps[index[n.name]][1] for n in nodes]
         product = math.prod(max(o.factors.values()) if o.factors else 1.0 for o in outcomes)
         estimate = math.prod(max((o.est_factors or o.factors).values()) if o.factors else 1.0 for o in outcomes)
+        last, out = nodes[-1], outcomes[-1]
+        width = max(max(w.shape) for w in weights)
+        if width > MAX_WIDTH:
+            if out.row is not None:
+                text = (f"ECLipsE-Fast not tried on the chain {nodes[0].name} -> {last.name}: width {width} > "
+                        f"{MAX_WIDTH} (its cost grows as width³); the bound uses the product")
+                out.row.note = f"{out.row.note}; {text}" if out.row.note else text
+            continue
         value = eclipse_fast(weights, slopes)
         if value is None or not value < product:
             continue
-        last, out = nodes[-1], outcomes[-1]
         first = nodes[0]
         source = first.inputs[_data(ctx.graph, first)[0]]
         pos = _data(ctx.graph, last)[0]
