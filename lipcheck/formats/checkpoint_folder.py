@@ -57,8 +57,37 @@ class ShardedTensors(Mapping[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.order)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.where  # Mapping's default would read the tensor
+
     def __len__(self) -> int:
         return len(self.order)
+
+
+class _Listed(Mapping[str, torch.Tensor]):
+    """The tensors of a shard that its index lists (read when asked for, like the shard's)."""
+
+    def __init__(self, shard: Mapping[str, torch.Tensor], names: list[str]) -> None:
+        self.shard, self.names = shard, list(names)
+        self.known = set(self.names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.known:
+            raise KeyError(name)
+        return self.shard[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.known
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        read_shape = getattr(self.shard, "shape", None)
+        return tuple(read_shape(name)) if callable(read_shape) else tuple(self.shard[name].shape)
 
 
 def _inside(folder: Path, name: Any, where: str) -> Path:
@@ -135,7 +164,7 @@ def load_checkpoint_folder(path: Path) -> Loaded:
             unlisted = [t for t in opened if weight_map.get(t) != shard]
             if unlisted:
                 notes.append(f"{shard}: {len(unlisted)} tensors the index does not list are ignored")
-            shards[shard] = {t: opened[t] for t in listed} if unlisted else opened
+            shards[shard] = _Listed(opened, listed) if unlisted else opened
         source = f"{len(shards)} shards listed by {index.name}"
     else:
         name = next((n for n in SINGLE_NAMES if (folder / n).is_file()), None)

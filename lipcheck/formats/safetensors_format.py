@@ -67,17 +67,21 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         dtype, shape, begin, end = self.layout[name]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
+        raw = bytearray(end - begin)  # read into place: one tensor-sized buffer, no bytes copy
         with self.path.open("rb") as fh:
             if os.fstat(fh.fileno()).st_size != self.size:
                 raise InputError(f"{self.path} changed size while lipcheck read it")
             fh.seek(self.data_start + begin)
-            raw = bytearray(fh.read(end - begin))
-        if len(raw) != end - begin:  # the file shrank while being read
+            got = fh.readinto(raw)
+        if got != end - begin:  # the file shrank while being read
             raise InputError(f"{self.path}: tensor '{name}' is cut short (file truncated while reading)")
         return torch.frombuffer(raw, dtype=dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.layout)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layout  # Mapping's default would read the tensor
 
     def __len__(self) -> int:
         return len(self.layout)

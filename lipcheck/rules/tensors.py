@@ -68,6 +68,9 @@ class _EffectiveWeights(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.order)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.computed or (key in self.base and key not in self.vectors)
+
 
 def _sn_notes(tensors: Mapping[str, torch.Tensor], found: dict[str, snorm.SNWeight],
               skipped: list[SkippedOp]) -> dict[str, tuple[str, str, int]]:
@@ -251,8 +254,10 @@ def _key_rows(tensors: Mapping[str, torch.Tensor], key: str, settings: spectral.
     w, how = _float_weight(t)
     if w is None:
         return KeyRows(skipped=[SkippedOp(key, "tensor", how)])
-    var_t = tensors.get(f"{layer}.running_var") if leaf == "weight" and t.ndim == 1 else None
-    if leaf == "weight" and t.ndim == 1 and isinstance(var_t, torch.Tensor) and var_t.shape == t.shape:
+    stored_dtype = t.dtype
+    del t  # only the float64 copy is used from here: the stored one is not held (peak memory)
+    var_t = tensors.get(f"{layer}.running_var") if leaf == "weight" and w.ndim == 1 else None
+    if leaf == "weight" and w.ndim == 1 and isinstance(var_t, torch.Tensor) and var_t.shape == w.shape:
         var, _ = _float_weight(var_t)
         if var is None:
             var = torch.full_like(w, math.nan)
@@ -260,14 +265,14 @@ def _key_rows(tensors: Mapping[str, torch.Tensor], key: str, settings: spectral.
         rows.append(LayerRow(name=layer, op="BatchNorm", kind=RowKind.DIAGONAL, sigma=value,
                              sigma_upper=value, upper_method="exact (eps=1e-5)",
                              lipschitz=value, iterations=0, converged=True))
-    elif 2 <= t.ndim <= 5 and w.numel() == 0:
+    elif 2 <= w.ndim <= 5 and w.numel() == 0:
         # A map from or to an empty space is the zero map: norm 0, exactly.
         rows.append(LayerRow(name=key if leaf != "weight" else layer,
-                             op="Linear" if t.ndim == 2 else f"Conv{t.ndim - 2}d",
-                             kind=RowKind.LINEAR if t.ndim == 2 else RowKind.CONV, sigma=0.0,
+                             op="Linear" if w.ndim == 2 else f"Conv{w.ndim - 2}d",
+                             kind=RowKind.LINEAR if w.ndim == 2 else RowKind.CONV, sigma=0.0,
                              sigma_upper=0.0, upper_method="exact (empty)", lipschitz=0.0,
-                             iterations=0, converged=True, note=f"0-size weight {list(t.shape)}"))
-    elif t.ndim == 2:
+                             iterations=0, converged=True, note=f"0-size weight {list(w.shape)}"))
+    elif w.ndim == 2:
         rows.append(_matrix_row(key if leaf != "weight" else layer, key, w, settings))
         if key in sn_notes:
             rows[-1].sigma_matrix = rows[-1].sigma  # a matrix's reshaped norm is its norm
@@ -275,12 +280,12 @@ def _key_rows(tensors: Mapping[str, torch.Tensor], key: str, settings: spectral.
             head_rows = _head_rows(rows[-1], key, w, heads, settings)
             if head_rows is None:
                 out.misfit = True
-    elif t.ndim == 3 and "experts" in key.split("."):
+    elif w.ndim == 3 and "experts" in key.split("."):
         expert_rows = [_matrix_row(f"{key}[{e}]", key, w[e], settings) for e in range(w.shape[0])]
         rows.extend(expert_rows)
         out.note = _experts_summary(key, expert_rows)
         return out
-    elif 3 <= t.ndim <= 5:
+    elif 3 <= w.ndim <= 5:
         # A spectrally normalized ConvTranspose (SN reshapes it along dim 1) is reported
         # with SN's own reshape; the certificate is the same for a conv and its adjoint.
         transposed = key in sn_notes and sn_notes[key][2] == 1
@@ -289,21 +294,21 @@ def _key_rows(tensors: Mapping[str, torch.Tensor], key: str, settings: spectral.
         cert = spectral.conv_reshape_upper_bound(w, 1)
         rows.append(LayerRow(
             name=key if leaf != "weight" else layer,
-            op=f"Conv{'Transpose' if transposed else ''}{t.ndim - 2}d", kind=RowKind.CONV,
+            op=f"Conv{'Transpose' if transposed else ''}{w.ndim - 2}d", kind=RowKind.CONV,
             sigma_matrix=est.sigma, sigma_upper=cert.value, upper_method=cert.method,
             lipschitz=cert.value, iterations=est.iterations, converged=est.converged,
             note="no graph: input size unknown; sigma_upper holds for any input size, "
                  "stride, dilation and groups with zero padding",
         ))
-    elif t.ndim == 1 and names.parse(key).role == "norm":
+    elif w.ndim == 1 and names.parse(key).role == "norm":
         skipped.append(SkippedOp(key, "tensor", "1-D tensor, the scale of a normalization (LayerNorm/RMSNorm "
                                                 "gamma): not a linear map on its own"))
         return out
     else:
-        skipped.append(SkippedOp(key, "tensor", f"{t.ndim}-D tensor: not a layer weight lipcheck knows"))
+        skipped.append(SkippedOp(key, "tensor", f"{w.ndim}-D tensor: not a layer weight lipcheck knows"))
         return out
     if how:
-        rows[-1].note = f"{how} ({t.dtype}); " + (rows[-1].note or "")
+        rows[-1].note = f"{how} ({stored_dtype}); " + (rows[-1].note or "")
         rows[-1].note = rows[-1].note.rstrip("; ")
     if key in sn_notes:
         style, text, _ = sn_notes[key]

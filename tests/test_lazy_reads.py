@@ -1,0 +1,51 @@
+"""Opening a model folder reads headers only: no tensor is read until the analysis asks for it
+(Mapping's default ``in`` reads the value; a folder check used it on every tensor)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lipcheck.formats import safetensors_format
+from lipcheck.formats.checkpoint_folder import load_checkpoint_folder
+
+
+def _folder(path: Path, extra_in_shard: bool) -> Path:
+    path.mkdir()
+    g = torch.Generator().manual_seed(0)
+    a = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(6, 4, generator=g) for i in range(3)}
+    b = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(4, 6, generator=g) for i in range(3)}
+    if extra_in_shard:
+        b["not.in.the.index"] = torch.zeros(2)
+    save_file(a, str(path / "model-00001-of-00002.safetensors"))
+    save_file(b, str(path / "model-00002-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in a}
+    weight_map.update({k: "model-00002-of-00002.safetensors" for k in b if k != "not.in.the.index"})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return path
+
+
+@pytest.mark.parametrize("extra_in_shard", [False, True])
+def test_opening_a_folder_reads_no_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          extra_in_shard: bool) -> None:
+    reads: list[str] = []
+    real = safetensors_format.SafetensorsFile.__getitem__
+
+    def counting(self: safetensors_format.SafetensorsFile, name: str) -> torch.Tensor:
+        reads.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(safetensors_format.SafetensorsFile, "__getitem__", counting)
+    loaded = load_checkpoint_folder(_folder(tmp_path / "m", extra_in_shard))
+    assert reads == []
+    tensors = loaded.tensors
+    assert tensors is not None and "model.layers.1.mlp.up_proj.weight" in tensors and "nope" not in tensors
+    assert ("not.in.the.index" in tensors) is False
+    assert reads == []
+    assert tensors["model.layers.2.mlp.down_proj.weight"].shape == (4, 6)
+    assert reads == ["model.layers.2.mlp.down_proj.weight"]
+    assert len(tensors) == 6
