@@ -37,6 +37,7 @@ def analyze(
     architecture: str | None = None,
     empirical: bool = False,
     per_head: bool = False,
+    start: str | None = None,
 ) -> Report:
     """Analyse a model file or an in-memory ``nn.Module`` and return its Report.
 
@@ -49,12 +50,14 @@ def analyze(
     ``empirical``: also run the model to find a lower bound (``network.lipschitz_lower``).
     ``per_head``: for a model folder whose config.json gives the heads, one row per attention
     head of each q/k/v/o projection (kind ``head``).
+    ``start``: the node, layer or value the network bound starts at (``--from``; e.g. the
+    embedding's output), all that is not computed from it held fixed.
     """
     from .pipeline import make_settings, run_analysis
 
     settings = make_settings(Options(tol, max_iters, seed, device, dtype, method, certify, failure_probability))
     return run_analysis(source, input_shape, settings, trust=trust, progress=progress,
-                        architecture=architecture, empirical=empirical, per_head=per_head).report
+                        architecture=architecture, empirical=empirical, per_head=per_head, start=start).report
 
 
 def normalize(

@@ -94,15 +94,24 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
 
     chained = apply_chains(ctx, result.steps)
     parts = value_parts(graph, result.steps)
-    cert, est = propagate(graph, result.steps, parts=parts)
+    cert, est = propagate(graph, result.steps, parts=parts, start=ctx.start)
     absorbed = {name for _, outcome in result.steps for name in outcome.absorbs}
+    before = set()  # --from: ops whose outputs do not depend on the start value
+    if ctx.start is not None:
+        after = downstream(graph, ctx.start)
+        before = {node.name for node, _ in result.steps if not any(o in after for o in node.outputs if o)}
+        result.reasons += [f"{node.name}: {outcome.unbounded}" for node, outcome in result.steps
+                           if outcome.unbounded is not None and outcome.unbounded.startswith(FROM_INSIDE)]
+        reason_nodes += [node.name for node, outcome in result.steps
+                         if outcome.unbounded is not None and outcome.unbounded.startswith(FROM_INSIDE)]
     # An op that turned out to be part of a recognised activation (the comparison inside
-    # torch's Softplus) neither blocks the bound nor counts as skipped.
-    result.reasons = [r for r, name in zip(result.reasons, reason_nodes) if name not in absorbed]
+    # torch's Softplus) neither blocks the bound nor counts as skipped; with --from, neither
+    # does an op before the start.
+    result.reasons = [r for r, name in zip(result.reasons, reason_nodes) if name not in absorbed | before]
     result.skipped = [s for s in result.skipped if s.name not in absorbed]
     for node, outcome in result.steps:
         if outcome.row is not None and node.name not in absorbed:
-            outcome.row.bound = cert[node.outputs[0]]
+            outcome.row.bound = None if node.name in before else cert[node.outputs[0]]
             if outcome.combine == "concat":
                 outcome.row.note = _concat_note(graph, node, outcome, cert, parts)
             if outcome.unbounded is not None:
@@ -114,8 +123,11 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
     # union bound over the probabilistic per-op bounds (all rows: those off the output's path
     # only make the sum larger)
     deltas = [r.failure_probability for r in result.rows
-              if r.upper_kind == "probabilistic" and r.failure_probability is not None]
+              if r.upper_kind == "probabilistic" and r.failure_probability is not None and r.name not in before]
     result.network = _network(graph, cert, est, result.reasons, parts, deltas)
+    if ctx.start is not None:
+        result.network.start = ctx.start
+        result.network.reason += f" (from {ctx.start}: what comes before it held fixed)"
     if chained and result.network.bounded:
         result.network.composition = "folded+eclipse-fast" if folded else "eclipse-fast"
         result.network.reason += f" (ECLipsE-Fast on {chained} Linear/activation chain(s))"
@@ -125,17 +137,54 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
     return result
 
 
+FROM_INSIDE = "--from starts inside"
+
+
+def downstream(graph: Graph, start: str) -> set[str]:
+    """The values computed from ``start`` (not ``start`` itself)."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for node in graph.consumers.get(todo.pop(), []):
+            for out in node.outputs:
+                if out and out not in seen:
+                    seen.add(out)
+                    todo.append(out)
+    return seen
+
+
 def propagate(graph: Graph, steps: list[tuple[Node, Outcome]],
               multipliers: dict[str, float] | None = None,
-              parts: dict[str, Part] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+              parts: dict[str, Part] | None = None,
+              start: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """L of every value, certified and estimated; ``multipliers`` scales an op's constants
     by name (what rescaling that op's weight by the same factor does to them). ``parts``:
-    what ``value_parts`` returns for these steps (computed when not given)."""
+    what ``value_parts`` returns for these steps (computed when not given).
+
+    ``start`` (--from): L from that value instead of the network input, everything not
+    computed from it held fixed: L(start) = 1 and every value that does not depend on it has
+    L = 0 (a constant, as a function of the start). An op measured together with ops before
+    the start (a fused pad, a folded BatchNorm, a chain certificate from an earlier input)
+    cannot be split there: its output is unbounded, and the reason says where to start."""
     if parts is None:
         parts = value_parts(graph, steps)
-    cert: dict[str, float] = {name: 1.0 for name in graph.inputs}
+    cert: dict[str, float] = {name: (0.0 if start is not None else 1.0) for name in graph.inputs}
+    after: set[str] = set()
+    if start is not None:
+        cert[start] = 1.0
+        after = downstream(graph, start)
     est: dict[str, float] = dict(cert)
     for node, outcome in steps:
+        if start is not None and not any(o in after for o in node.outputs if o):
+            for out in node.outputs:  # before the start, or beside it: constant from it
+                if out and out != start:
+                    cert[out] = est[out] = 0.0
+            continue
+        inside = [src for src in outcome.sources.values() if src != start and src not in after and
+                  any(v == start or v in after for v in node.inputs)] if start is not None else []
+        if inside:
+            outcome.unbounded = (f"{FROM_INSIDE} what this op was measured with (from {inside[0]}); "
+                                 f"start at {inside[0]} or before it")
         if outcome.unbounded is not None:
             l_cert = l_est = math.inf
         else:

@@ -221,6 +221,8 @@ def apply_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> int:
         product = math.prod(max(o.factors.values()) if o.factors else 1.0 for o in outcomes)
         estimate = math.prod(max((o.est_factors or o.factors).values()) if o.factors else 1.0 for o in outcomes)
         last, out = nodes[-1], outcomes[-1]
+        if ctx.start is not None and any(ctx.start in n.outputs for n in nodes[:-1]):
+            continue  # --from inside the chain: measured from the chain's input, it cannot start there
         width = max(max(w.shape) for w in weights)
         if width > MAX_WIDTH:
             if out.row is not None:

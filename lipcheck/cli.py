@@ -114,6 +114,7 @@ ArchOpt = Annotated[str | None, typer.Option("--model", metavar="PACKAGE.MODULE:
 CertifyOpt = Annotated[Certify, typer.Option("--certify", help="Upper bounds of dense matrices: exact (deterministic certificate, O(n^3)), probabilistic (from a random-start Lanczos run, O(k n^2), fails with probability at most --failure-probability per layer; reported as such), or auto (exact where cheap, probabilistic on large matrices).")]
 FailureProbOpt = Annotated[float, typer.Option("--failure-probability", metavar="DELTA", help="Failure probability of each probabilistic upper bound (the network's is their sum).")]
 EmpiricalOpt = Annotated[bool, typer.Option("--empirical", help="Also run the model (float64; ONNX files through onnx2torch) and search for inputs where its Jacobian is largest: a true lower bound on the network's constant, shown with the ratio certified/lower. Off by default (it runs the model, seconds on small ones).")]
+FromOpt = Annotated[str | None, typer.Option("--from", metavar="NODE", help="Start the network bound at this node, layer or value (e.g. the token embedding's output), everything not computed from it held fixed; a graph model only.", show_default=False)]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (shown only on a terminal).")]
 
 
@@ -205,7 +206,7 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
                  device: Device, dtype: DType, method: Method, trust: bool, progress: bool,
                  architecture: str | None = None, *, certify: Certify = Certify(DEFAULTS.certify),
                  failure_probability: float = DEFAULTS.failure_probability,
-                 empirical: bool = False, per_head: bool = False) -> list[dict]:
+                 empirical: bool = False, per_head: bool = False, start: str | None = None) -> list[dict]:
     shape = parse_shape(input_shape)
     _check_inputs(*models)
     _check_architecture(architecture)
@@ -223,7 +224,8 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
         for model in models:
             with progress_bar(progress and sys.stderr.isatty()) as callback:
                 analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
-                                        architecture=architecture, empirical=empirical, per_head=per_head)
+                                        architecture=architecture, empirical=empirical, per_head=per_head,
+                                        start=start)
             docs.append(analysis.report.to_dict())
         return docs
     # Under torchrun: every process runs this; the tensors are shared out, rank 0 reports.
@@ -236,7 +238,7 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
                     try:
                         analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
                                                 architecture=architecture, empirical=empirical,
-                                                per_head=per_head, spread=spread)
+                                                per_head=per_head, spread=spread, start=start)
                     except distributed.NotMine:
                         continue  # a model with a graph: rank 0 analyses it alone
                 docs.append(analysis.report.to_dict())
@@ -314,6 +316,7 @@ def inspect(
     architecture: ArchOpt = None,
     empirical: EmpiricalOpt = False,
     per_head: Annotated[bool, typer.Option("--per-head", help="For a model folder whose config.json gives the attention heads: also one row per head of each q/k/v/o projection (named <matrix>[h3], kind head; not gated).")] = False,
+    start: FromOpt = None,
 ) -> int:
     """Per-layer spectral norms and the network's Lipschitz bound."""
     from . import writers
@@ -321,7 +324,7 @@ def inspect(
     _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
                         architecture, certify=certify, failure_probability=failure_probability,
-                        empirical=empirical, per_head=per_head)
+                        empirical=empirical, per_head=per_head, start=start)
     if format is OutputFormat.table:
         from rich.console import Group
 
@@ -362,6 +365,7 @@ def check(
     trust: TrustOpt = False,
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
+    start: FromOpt = None,
 ) -> int:
     """A robustness gate: exit 0 when every rule holds, 1 when one fails (one line each on stderr)."""
     from . import gate, writers
@@ -389,7 +393,7 @@ def check(
         raise UsageError(f"--baseline {baseline} does not exist")
     _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
-                        architecture, certify=certify, failure_probability=failure_probability)
+                        architecture, certify=certify, failure_probability=failure_probability, start=start)
     results = []
     for doc in docs:
         base = gate.load_baseline(baseline, doc["model"]["path"]) if baseline is not None and not updates_gated else None
@@ -597,7 +601,7 @@ def check_report_path(report: Path, *inputs: Path) -> None:
 
 
 # Library parameters whose flag is not the parameter's name with dashes.
-FLAGS = {"architecture": "--model"}
+FLAGS = {"architecture": "--model", "start": "--from"}
 
 
 # Commands that share their work out between processes under torchrun (lipcheck.distributed).

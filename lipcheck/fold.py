@@ -70,8 +70,8 @@ def fold_affine(ctx: Context, graph: Graph, steps: list[tuple[Node, Outcome]]) -
         x = node.inputs[pos]
         producer = graph.producer.get(x)
         if producer is None or producer.op not in LINEAR_OPS or producer.domain \
-                or producer.name not in outcome_of or x in graph.outputs:
-            continue
+                or producer.name not in outcome_of or x in graph.outputs or x == ctx.start:
+            continue  # (--from between the two: the pair cannot be measured as one)
         before = outcome_of[producer.name]
         if before.unbounded is not None or set(before.factors) != {0} or before.combine != "sum" \
                 or len(graph.consumers.get(x, [])) != 1 or pos not in outcome.factors:

@@ -74,12 +74,14 @@ class Analysis:
 def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None,
                  settings: spectral.Settings, *, trust: bool = False,
                  progress: ProgressFn | None = None, architecture: str | None = None,
-                 empirical: bool = False, per_head: bool = False, spread: Spread | None = None) -> Analysis:
+                 empirical: bool = False, per_head: bool = False, spread: Spread | None = None,
+                 start: str | None = None) -> Analysis:
     """``empirical``: also search for a lower bound by running the model (lipcheck.lower).
     ``per_head``: rows per attention head of q/k/v/o (a model folder whose config.json gives
     the head counts). ``spread``: share a weight-only input's tensors out between processes
     (lipcheck.distributed); a model with a graph is analysed by rank 0 alone (the other ranks
-    get ``distributed.NotMine``)."""
+    get ``distributed.NotMine``). ``start`` (--from): the node, layer or value the network
+    bound starts at, all that is not computed from it held fixed (a graph model only)."""
     if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
         raise UsageError(f"{{param}} must be positive dims, batch first, got {input_shape}", param="input_shape")
     if isinstance(source, torch.nn.Module):
@@ -109,12 +111,31 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None
         if not spread.leader:
             raise NotMine(info.path)
         loaded.notes.append(GRAPH_NOTE)
-    analysis = analyze_loaded(loaded, info, settings, progress, heads, spread)
+    if start is not None and loaded.onnx_model is None:
+        raise UsageError("{param} needs a model with a graph (ONNX, or a module traced with --input-shape); "
+                         f"{info.path} has weights only", param="start")
+    analysis = analyze_loaded(loaded, info, settings, progress, heads, spread, start)
     if empirical:
         from .lower import attach
 
         attach(analysis, source, settings.seed)
     return analysis
+
+
+def resolve_start(graph: Graph, name: str) -> str:
+    """The value ``--from NAME`` starts at: a node's (the report's layer name's) first output,
+    or a value of the graph by its own name."""
+    node = next((n for n in graph.nodes if n.name == name), None)
+    if node is not None and node.outputs and node.outputs[0]:
+        return node.outputs[0]
+    values = set(graph.producer) | set(graph.inputs)
+    if name in values and name not in graph.static:
+        return name
+    import difflib
+
+    close = difflib.get_close_matches(name, [n.name for n in graph.nodes] + sorted(values), n=3, cutoff=0.5)
+    hint = f"; close names: {', '.join(close)}" if close else "; the report's layer names are node names"
+    raise UsageError(f"{{param}} {name!r} names no node, layer or value of the graph{hint}", param="start")
 
 
 def _estimates_within_certificates(rows: list[Any]) -> None:
@@ -133,7 +154,7 @@ def _estimates_within_certificates(rows: list[Any]) -> None:
 
 def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
                    progress: ProgressFn | None = None, heads: Heads | None = None,
-                   spread: Spread | None = None) -> Analysis:
+                   spread: Spread | None = None, start: str | None = None) -> Analysis:
     if loaded.onnx_model is not None:
         from .bound import compose
         from .graph import build_graph
@@ -143,8 +164,9 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
         if info.input_shape is None and graph.inputs:
             dims = graph.known_shape(graph.inputs[0])
             info.input_shape = list(dims) if dims else None
+        begin = resolve_start(graph, start) if start is not None else None
         with torch.no_grad():
-            comp = compose(graph, Context(graph=graph, settings=settings), progress)
+            comp = compose(graph, Context(graph=graph, settings=settings, start=begin), progress)
         assert comp.network is not None
         notes = list(loaded.notes)
         if len(graph.inputs) > 1:

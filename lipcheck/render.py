@@ -163,6 +163,8 @@ def summary(doc: dict[str, Any]) -> Text:
         text.append("network Lipschitz bound: ", style="bold")
         text.append("none", style="bold red")
         text.append(f" - {n['reason']}\n")
+    if n.get("start"):
+        text.append(f"from {n['start']} (--from): everything not computed from it held fixed\n")
     if n.get("lipschitz_lower") is not None:
         text.append("empirical lower bound (a real input's secant): ", style="bold")
         text.append(fmt(n["lipschitz_lower"]))

@@ -96,6 +96,8 @@ class NetworkResult:
                         theirs (null: deterministic)
     lipschitz_lower     a true lower bound: the norm of a Jacobian found at a real input
     domain              the input domain a local bound holds on (null: global)
+    start               the value the bound starts at (--from; null: the network input), all
+                        that is not computed from it held fixed
     """
 
     lipschitz_bound: float | None
@@ -107,6 +109,7 @@ class NetworkResult:
     failure_probability: float | None = None
     lipschitz_lower: float | None = None
     domain: str | None = None
+    start: str | None = None
 
 
 @dataclass

@@ -96,6 +96,8 @@ def inspect_markdown(docs: list[dict[str, Any]]) -> str:
                 bound += f" (certified / lower = {net['lipschitz_bound'] / net['lipschitz_lower']:.4g})"
         if net["bounded"] and net.get("composition") not in (None, "graph-product"):
             bound += f"; composition: {net['composition']}"
+        if net.get("start"):
+            bound += f"; from `{_md_escape(net['start'])}` (--from)"
         out.append(f"### lipcheck: `{doc['model']['path']}`\n\nNetwork Lipschitz bound: {bound}\n")
         out.append(_md_table(
             ["layer", "op", "input", "sigma (est.)", "sigma_matrix", "sigma_upper", "bound"],

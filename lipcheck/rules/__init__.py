@@ -49,6 +49,8 @@ class Context:
     graph: Graph
     settings: Settings
     fused: dict[str, Node] = field(default_factory=dict)  # Pad nodes folded into a conv
+    # --from: the value the network bound starts at (None: the network input)
+    start: str | None = None
 
 
 Rule = Callable[[Context, Node, list[int]], Outcome]
