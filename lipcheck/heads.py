@@ -10,6 +10,7 @@ range of its columns. A head's sigma is at most its matrix's.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,18 +29,32 @@ class Heads:
     def from_config(cls, config: dict[str, Any]) -> Heads | None:
         """From a Hugging Face config (num_attention_heads, num_key_value_heads, head_dim or
         hidden_size); None when it does not say how many heads there are."""
-        heads = config.get("num_attention_heads")
+        heads = config.get("num_attention_heads", config.get("n_head"))  # GPT-2: n_head, n_embd
         if not isinstance(heads, int) or heads <= 0:
             return None
         kv = config.get("num_key_value_heads", heads)
         kv = kv if isinstance(kv, int) and kv > 0 else heads
         dim = config.get("head_dim")
         if not isinstance(dim, int) or dim <= 0:
-            hidden = config.get("hidden_size")
+            hidden = config.get("hidden_size", config.get("n_embd"))
             if not isinstance(hidden, int) or hidden % heads:
                 return None
             dim = hidden // heads
         return cls(heads, kv, dim)
+
+    def split_fused(self, w: torch.Tensor) -> list[tuple[str, int, torch.Tensor]] | None:
+        """A fused [q; k; v] projection ([out, in], q's heads then k's then v's rows, as Phi-3's
+        qkv_proj, GPT-2's c_attn and MPT's Wqkv store them): (role, head, block) per head, or
+        None when its rows do not fit the head counts."""
+        d = self.head_dim
+        if w.shape[0] != (self.heads + 2 * self.kv_heads) * d:
+            return None
+        out = [("q", h, w[h * d:(h + 1) * d]) for h in range(self.heads)]
+        k0 = self.heads * d
+        out += [("k", h, w[k0 + h * d:k0 + (h + 1) * d]) for h in range(self.kv_heads)]
+        v0 = k0 + self.kv_heads * d
+        out += [("v", h, w[v0 + h * d:v0 + (h + 1) * d]) for h in range(self.kv_heads)]
+        return out
 
     def split(self, role: str, w: torch.Tensor) -> list[torch.Tensor] | None:
         """The per-head blocks of an [out, in] projection of ``role``, or None when its shape
@@ -71,6 +86,7 @@ class Heads:
 # and ‖k‖ ≤ max|γ_k|·√d_head, so the bound is max|γ_q|·max|γ_k|·√d_head, whatever the weights.
 # σ(W) is the row's upper bound (certified, or probabilistic when the row's is).
 
+HEAD_TAG = re.compile(r"\[(?:[qkv]\.)?h(\d+)\]$")  # a head row's name: <matrix>[h3] or <fused>[k.h1]
 INPUT_NORMS = ("input_layernorm", "ln_1", "attention_norm", "self_attn_layer_norm", "norm1", "ln_attn")
 ASSUMPTIONS = ("logit bounds |q_i.k_j|/sqrt(d_head) per head: pre-norm blocks whose q and k read the "
                "block's input norm ({norms}); the bound holds for every input, sequence length and "
@@ -103,7 +119,7 @@ def _block_keys(keys: list[str]) -> dict[int, dict[str, str]]:
             continue
         stem = key[: -len(".weight")]
         leaf = stem.rpartition(".")[2]
-        slot = parsed.role if parsed.role in ("q", "k") else None
+        slot = parsed.role if parsed.role in ("q", "k", "qkv") else None
         if leaf in INPUT_NORMS:
             slot = "norm"
         elif leaf in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"):
@@ -126,18 +142,18 @@ def _vector(tensors: Any, key: str) -> torch.Tensor | None:
 def logit_bounds(rows: list[Any], tensors: Any, heads: Heads) -> tuple[list[LogitBound], list[str]]:
     """Per block and query head, a bound on the attention logits (see above), and notes on the
     blocks it does not apply to. ``rows``: the report's rows, head rows included."""
-    head_rows = {(r.block, r.role, r.name.rpartition("[h")[0], r.name.rpartition("[h")[2].rstrip("]")): r
-                 for r in rows if r.kind == "head"}
     by_matrix: dict[tuple[int, str], dict[int, Any]] = {}
-    for (block, role, _, h), r in head_rows.items():
-        if role in ("q", "k") and block is not None and h.isdigit():
-            by_matrix.setdefault((block, role), {})[int(h)] = r
+    for r in rows:
+        found = HEAD_TAG.search(r.name) if r.kind == "head" else None
+        if found and r.role in ("q", "k") and r.block is not None:
+            by_matrix.setdefault((r.block, r.role), {})[int(found.group(1))] = r
     group = heads.heads // heads.kv_heads if heads.kv_heads and heads.heads % heads.kv_heads == 0 else None
     out: list[LogitBound] = []
     missing: list[str] = []
     root_d = math.sqrt(heads.head_dim)
     for block, keys in sorted(_block_keys(list(tensors)).items()):
-        if "q" not in keys or "k" not in keys or group is None:
+        fused = "qkv" in keys and ("q" not in keys or "k" not in keys)
+        if not fused and ("q" not in keys or "k" not in keys) or group is None:
             continue
         q_norm = _vector(tensors, keys["q_norm"]) if "q_norm" in keys else None
         k_norm = _vector(tensors, keys["k_norm"]) if "k_norm" in keys else None
@@ -152,13 +168,19 @@ def logit_bounds(rows: list[Any], tensors: Any, heads: Heads) -> tuple[list[Logi
             continue
         beta = _vector(tensors, keys["norm"][: -len(".weight")] + ".bias")
         radius = float(gamma.abs().max()) * math.sqrt(gamma.numel()) + (float(beta.norm()) if beta is not None else 0.0)
-        biases = {role: _vector(tensors, keys[role][: -len(".weight")] + ".bias") for role in ("q", "k")}
+        if fused:  # one bias [q; k; v]: k's part starts after the query heads'
+            bias = _vector(tensors, keys["qkv"][: -len(".weight")] + ".bias")
+            biases, k_offset = {"q": bias, "k": bias}, heads.heads * heads.head_dim
+        else:
+            biases = {role: _vector(tensors, keys[role][: -len(".weight")] + ".bias") for role in ("q", "k")}
+            k_offset = 0
         for h in range(heads.heads):
             q, k = q_rows[h], k_rows[h // group]
             if q.sigma_upper is None or k.sigma_upper is None:
                 continue
-            q_len = q.sigma_upper * radius + _bias_norm(biases["q"], h, heads.head_dim)
-            k_len = k.sigma_upper * radius + _bias_norm(biases["k"], h // group, heads.head_dim)
+            q_len = q.sigma_upper * radius + _bias_norm(biases["q"], h * heads.head_dim, heads.head_dim)
+            k_len = k.sigma_upper * radius + _bias_norm(biases["k"], k_offset + (h // group) * heads.head_dim,
+                                                         heads.head_dim)
             kinds = {q.upper_kind, k.upper_kind}
             probabilistic = "probabilistic" in kinds
             delta = sum(r.failure_probability or 0.0 for r in (q, k)) if probabilistic else None
@@ -173,8 +195,8 @@ def logit_bounds(rows: list[Any], tensors: Any, heads: Heads) -> tuple[list[Logi
     return out, notes
 
 
-def _bias_norm(bias: torch.Tensor | None, head: int, head_dim: int) -> float:
+def _bias_norm(bias: torch.Tensor | None, start: int, head_dim: int) -> float:
     if bias is None:
         return 0.0
-    part = bias[head * head_dim:(head + 1) * head_dim]
+    part = bias[start:start + head_dim]
     return float(part.norm()) if part.numel() == head_dim else math.inf

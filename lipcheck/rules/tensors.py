@@ -116,27 +116,45 @@ def _matrix_row(name: str, key: str, w: torch.Tensor, settings: spectral.Setting
     return row
 
 
-HEAD_ROLES = ("q", "k", "v", "o")
+HEAD_ROLES = ("q", "k", "v", "o", "qkv")
+
+
+# Fused q/k/v projections whose rows are [q heads; k heads; v heads]. GPT-NeoX's
+# query_key_value interleaves q, k, v per head (and Falcon groups them): no head rows for it.
+FUSED_CONTIGUOUS = ("qkv_proj", "c_attn", "Wqkv")
 
 
 def _head_rows(matrix: LayerRow, key: str, w: torch.Tensor, heads: Heads,
                settings: spectral.Settings) -> list[LayerRow] | None:
-    """One row per attention head of a q/k/v/o projection (None: its shape does not fit)."""
+    """One row per attention head of a q/k/v/o projection, or of each of q, k and v of a fused
+    qkv one (named ``<matrix>[q.h3]``); None: its shape or layout does not fit."""
     assert matrix.role is not None
     parsed = names.parse(key)
-    blocks = heads.split(matrix.role, w.T if parsed.in_first else w)
-    if blocks is None:
-        return None
+    stored = w.T if parsed.in_first else w
+    if matrix.role == "qkv":
+        leaf = key.removesuffix(".weight").rpartition(".")[2]
+        fused = heads.split_fused(stored) if leaf in FUSED_CONTIGUOUS else None
+        if fused is None:
+            return None
+        parts = [(role, h, block, f"{role}.h{h}", f"{role} head {h}: rows of the fused matrix")
+                 for role, h, block in fused]
+    else:
+        blocks = heads.split(matrix.role, stored)
+        if blocks is None:
+            return None
+        what = "columns" if matrix.role == "o" else "rows"
+        parts = [(matrix.role, h, block, f"h{h}",
+                  f"head {h} of {len(blocks)}: {what} {h * heads.head_dim}..{(h + 1) * heads.head_dim - 1}")
+                 for h, block in enumerate(blocks)]
     out = []
-    for h, block in enumerate(blocks):
+    for role, _, block, tag, note in parts:
         bound = spectral.dense_bound(block.contiguous(), settings)
         est, cert = bound.estimate, bound.upper
-        row = LayerRow(name=f"{matrix.name}[h{h}]", op="Linear", kind=RowKind.HEAD, sigma=est.sigma,
+        row = LayerRow(name=f"{matrix.name}[{tag}]", op="Linear", kind=RowKind.HEAD, sigma=est.sigma,
                        sigma_upper=cert.value, upper_method=cert.method, lipschitz=cert.value,
                        iterations=est.iterations, converged=est.converged, block=matrix.block,
-                       role=matrix.role, upper_kind=bound.kind, failure_probability=bound.failure_probability,
-                       note=f"head {h} of {len(blocks)}: " + ("columns" if matrix.role == "o" else "rows")
-                            + f" {h * heads.head_dim}..{(h + 1) * heads.head_dim - 1}")
+                       role=role, upper_kind=bound.kind, failure_probability=bound.failure_probability,
+                       note=note)
         _matrix_stats(row, block, fan_in=block.shape[1], fan_out=block.shape[0])
         out.append(row)
     return out
@@ -223,7 +241,8 @@ def tensor_rows(tensors: Mapping[str, torch.Tensor], settings: spectral.Settings
     if heads is not None:
         notes.append(f"per-head rows: {heads.heads} query heads, {heads.kv_heads} key/value heads of "
                      f"dimension {heads.head_dim} (config.json)"
-                     + (f"; shapes that do not fit them, so no head rows: {', '.join(misfit[:5])}"
+                     + (f"; projections whose shape or layout (GPT-NeoX's per-head interleaved "
+                        f"query_key_value) do not fit them, so no head rows: {', '.join(misfit[:5])}"
                         + (f" and {len(misfit) - 5} more" if len(misfit) > 5 else "") if misfit else ""))
     if passive:
         notes.append(f"{passive} bias / BatchNorm statistics tensors: they do not change a "
