@@ -75,7 +75,7 @@ def test_shapes_that_do_not_fit_get_no_head_rows(tmp_path: Path) -> None:
     folder, _ = _folder(tmp_path, {"head_dim": 8, "num_attention_heads": 2})  # q has 4 heads of 8
     report = api.analyze(folder, per_head=True)
     assert not any(r.name.startswith("model.layers.0.self_attn.q_proj[") for r in report.layers)
-    assert any("shapes that do not fit them" in n and "q_proj" in n for n in report.notes)
+    assert any("shape or layout" in n and "do not fit them" in n and "q_proj" in n for n in report.notes)
 
 
 def test_heatmap_shows_whole_matrices_not_heads(tmp_path: Path, cli: Cli) -> None:
