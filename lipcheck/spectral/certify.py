@@ -437,6 +437,7 @@ def schur_upper_bound(fn: LinearMap, input_shape: Shape) -> Certificate:
 KW_CONSTANT = 1.648
 KRYLOV_BLOCK = 8  # start vectors of the block Krylov run on a CPU
 BLOCK_MIN_SIDE = 512  # below this the single-vector run (which may fill the space) is used
+REORTH_RATIO = 1e-4  # R of a new block with a diagonal entry below this (relative): one more pass
 PROB_SLACK = 0.01  # steps are taken until the bound is within 1 % of the estimate
 PROB_MAX_SLACK = 0.05  # a bound looser than this (a short Krylov space) falls back to exact
 PROB_MAX_STEPS = 512  # Krylov basis cap (vectors of the smaller side, float64)
@@ -703,12 +704,19 @@ def _block_krylov_one(w: torch.Tensor, settings: Settings, delta: float,
             converged = theta == 0.0 or residual <= 2 * settings.tol * theta
             if (k >= want and converged) or k >= cap_blocks:
                 break
+        diag = r.diagonal().abs()
         scale = max(float(torch.linalg.matrix_norm(col, 2)), 1e-300)
+        if float(diag.min()) > REORTH_RATIO * scale:
+            # R well conditioned: Q = Z R⁻¹ inherits Z's orthogonality to the basis (two
+            # Gram-Schmidt passes) up to rounding times cond(R); no third pass needed
+            basis[hi : hi + width] = q.T
+            continue
         nxt = q.T.clone()
-        for i in torch.nonzero(r.diagonal().abs() <= BREAKDOWN * scale).flatten().tolist():
+        for i in torch.nonzero(diag <= BREAKDOWN * scale).flatten().tolist():
             # the space closed along this direction (invariant to rounding): any space
             # containing it keeps the guarantee; a fresh seeded direction continues the run
             nxt[i] = _fresh_direction(torch.cat([basis[:hi], nxt[:i]]), gen)
+        # an ill-conditioned R lets rounding back into span(basis): one more pass, then QR
         _, nxt = _orthogonalise_rows(basis[:hi], nxt)
         nq, _ = torch.linalg.qr(nxt.T)
         basis[hi : hi + width] = nq.T
