@@ -90,6 +90,9 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
     from .fold import fold_affine
 
     folded = fold_affine(ctx, graph, result.steps)
+    from .merge import merge_linear
+
+    merged = merge_linear(ctx, graph, result.steps)
     from .chains import apply_chains
 
     chained = apply_chains(ctx, result.steps)
@@ -128,12 +131,15 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
     if ctx.start is not None:
         result.network.start = ctx.start
         result.network.reason += f" (from {ctx.start}: what comes before it held fixed)"
-    if chained and result.network.bounded:
-        result.network.composition = "folded+eclipse-fast" if folded else "eclipse-fast"
-        result.network.reason += f" (ECLipsE-Fast on {chained} Linear/activation chain(s))"
-    if folded and result.network.bounded:
-        result.network.composition = "folded+eclipse-fast" if chained else "folded"
-        result.network.reason += f" (BatchNorm/per-channel scales folded into {len(folded)} linear op(s))"
+    if result.network.bounded and (folded or merged or chained):
+        result.network.composition = "+".join(
+            label for used, label in ((folded, "folded"), (merged, "merged"), (chained, "eclipse-fast")) if used)
+        if chained:
+            result.network.reason += f" (ECLipsE-Fast on {chained} Linear/activation chain(s))"
+        if folded:
+            result.network.reason += f" (BatchNorm/per-channel scales folded into {len(folded)} linear op(s))"
+        if merged:
+            result.network.reason += f" ({len(merged)} pair(s) of consecutive linear ops measured as one)"
     return result
 
 

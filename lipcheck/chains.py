@@ -120,7 +120,7 @@ def eclipse_fast(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, fl
 # --------------------------------------------------------------------------- chains in a graph
 
 
-def _weight(ctx: Context, node: Node, data: list[int]) -> np.ndarray | None:
+def linear_weight(ctx: Context, node: Node, data: list[int]) -> np.ndarray | None:
     """The (out, in) matrix of a Gemm (data operand A, no data C) or a MatMul x @ W (W 2-D)."""
     g = ctx.graph
     if node.op == "Gemm" and data == [0] and not node.attrs.get("transA", 0):
@@ -143,22 +143,22 @@ def _wide(mat: np.ndarray) -> np.ndarray:
     return mat if max(mat.shape) > MAX_WIDTH else mat.astype(np.float64)
 
 
-def _data(graph: Graph, node: Node) -> list[int]:
+def data_inputs(graph: Graph, node: Node) -> list[int]:
     return [k for k, v in enumerate(node.inputs) if v and v not in graph.static]
 
 
-def _only_consumer(graph: Graph, value: str) -> Node | None:
+def only_consumer(graph: Graph, value: str) -> Node | None:
     users = graph.consumers.get(value, [])
     if len(users) != 1 or value in graph.outputs:
         return None
     return users[0]
 
 
-def _is_shift(graph: Graph, node: Node, value: str) -> bool:
+def is_shift(graph: Graph, node: Node, value: str) -> bool:
     """Add/Sub of a constant to ``value`` (a bias) that does not broadcast ``value``."""
     if node.op not in ("Add", "Sub") or node.domain or len(node.inputs) != 2:
         return False
-    data = _data(graph, node)
+    data = data_inputs(graph, node)
     if len(data) != 1 or node.inputs[data[0]] != value or (node.op == "Sub" and data[0] != 0):
         return False
     return graph.known_shape(value) is not None and graph.known_shape(value) == graph.known_shape(node.outputs[0])
@@ -175,26 +175,26 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
     for node, outcome in steps:
         if node.name in used or outcome.unbounded is not None:
             continue
-        w = _weight(ctx, node, _data(g, node))
+        w = linear_weight(ctx, node, data_inputs(g, node))
         if w is None:
             continue
         nodes, weights, slopes = [node], [w], []
         end = node  # the last linear op (or its bias) in the chain so far
         last_linear = 1  # len(nodes) up to and including the last linear op and its bias
         while True:
-            nxt = _only_consumer(g, end.outputs[0])
-            if nxt is not None and _is_shift(g, nxt, end.outputs[0]) and end.op in ("Gemm", "MatMul"):
+            nxt = only_consumer(g, end.outputs[0])
+            if nxt is not None and is_shift(g, nxt, end.outputs[0]) and end.op in ("Gemm", "MatMul"):
                 nodes.append(nxt)
                 end = nxt
                 last_linear = len(nodes)
-                nxt = _only_consumer(g, end.outputs[0])
+                nxt = only_consumer(g, end.outputs[0])
             if nxt is None or outcome_of.get(nxt.name) is None or outcome_of[nxt.name].unbounded is not None:
                 break
             slope = slope_range(nxt)
-            if slope is None or _data(g, nxt) != [0]:
+            if slope is None or data_inputs(g, nxt) != [0]:
                 break
-            lin = _only_consumer(g, nxt.outputs[0])
-            w_next = _weight(ctx, lin, _data(g, lin)) if lin is not None else None
+            lin = only_consumer(g, nxt.outputs[0])
+            w_next = linear_weight(ctx, lin, data_inputs(g, lin)) if lin is not None else None
             if lin is None or w_next is None or w_next.shape[1] != weights[-1].shape[0] \
                     or outcome_of.get(lin.name) is None or outcome_of[lin.name].unbounded is not None:
                 break
@@ -234,8 +234,8 @@ def apply_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> int:
         if value is None or not value < product:
             continue
         first = nodes[0]
-        source = first.inputs[_data(ctx.graph, first)[0]]
-        pos = _data(ctx.graph, last)[0]
+        source = first.inputs[data_inputs(ctx.graph, first)[0]]
+        pos = data_inputs(ctx.graph, last)[0]
         if out.row is not None:
             text = (f"ECLipsE-Fast over the chain {first.name} -> {last.name} ({len(weights)} linear layers): "
                     f"the bound uses {value:.6g} from {first.name}'s input, in place of the product {product:.6g}")
