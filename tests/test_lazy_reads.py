@@ -49,3 +49,32 @@ def test_opening_a_folder_reads_no_tensor(tmp_path: Path, monkeypatch: pytest.Mo
     assert tensors["model.layers.2.mlp.down_proj.weight"].shape == (4, 6)
     assert reads == ["model.layers.2.mlp.down_proj.weight"]
     assert len(tensors) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_read_float64_is_the_exact_widening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            dtype: torch.dtype, chunk: int) -> None:
+    """Chunked widening (chunks of a few bytes too) gives exactly the stored values as float64."""
+    monkeypatch.setattr(safetensors_format, "READ_CHUNK_BYTES", chunk)
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(37, 11, generator=g) * 3).to(dtype)
+    save_file({"w": w, "ids": torch.arange(5)}, str(tmp_path / "m.safetensors"))
+    f = safetensors_format.SafetensorsFile(tmp_path / "m.safetensors")
+    wide = f.read_float64("w")
+    assert wide is not None and wide.dtype == torch.float64
+    assert torch.equal(wide, w.to(torch.float64))
+    assert f.read_float64("ids") is None  # integers are read as stored
+
+
+def test_read_float64_of_a_file_cut_short(tmp_path: Path) -> None:
+    from lipcheck.errors import InputError
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    f = safetensors_format.SafetensorsFile(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 100)
+    with pytest.raises(InputError):
+        f.read_float64("w")

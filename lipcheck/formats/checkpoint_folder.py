@@ -48,6 +48,11 @@ class ShardedTensors(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.where[name][name]
 
+    def read_float64(self, name: str) -> torch.Tensor | None:
+        """The tensor widened to float64 by its shard (chunk by chunk), where the shard can."""
+        read = getattr(self.where[name], "read_float64", None)
+        return read(name) if callable(read) else None
+
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape from its shard's header (safetensors) or its mapped storage."""
         shard = self.where[name]
@@ -84,6 +89,10 @@ class _Listed(Mapping[str, torch.Tensor]):
 
     def __contains__(self, name: object) -> bool:
         return name in self.known
+
+    def read_float64(self, name: str) -> torch.Tensor | None:
+        read = getattr(self.shard, "read_float64", None)
+        return read(name) if callable(read) and name in self.known else None
 
     def shape(self, name: str) -> tuple[int, ...]:
         read_shape = getattr(self.shard, "shape", None)

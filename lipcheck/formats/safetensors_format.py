@@ -25,6 +25,7 @@ import torch
 from ..errors import InputError
 from . import SAFETENSORS_MAX_HEADER
 
+READ_CHUNK_BYTES = 16 << 20  # read_float64 converts this many stored bytes at a time
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
@@ -76,6 +77,33 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         if got != end - begin:  # the file shrank while being read
             raise InputError(f"{self.path}: tensor '{name}' is cut short (file truncated while reading)")
         return torch.frombuffer(raw, dtype=dtype).reshape(shape)
+
+    def read_float64(self, name: str) -> torch.Tensor | None:
+        """A floating-point tensor widened to float64, converted from the file a chunk at a
+        time (the stored bytes are never held whole beside the float64 copy); None for other
+        dtypes (the caller reads them as stored)."""
+        dtype, shape, begin, end = self.layout[name]
+        if not dtype.is_floating_point:
+            return None
+        out = torch.empty(shape, dtype=torch.float64)
+        flat = out.view(-1)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        step = max(1, READ_CHUNK_BYTES // itemsize) * itemsize
+        buffer = bytearray(min(step, end - begin))
+        done = 0  # elements converted
+        with self.path.open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size != self.size:
+                raise InputError(f"{self.path} changed size while lipcheck read it")
+            fh.seek(self.data_start + begin)
+            while begin + done * itemsize < end:
+                want = min(step, end - begin - done * itemsize)
+                view = memoryview(buffer)[:want]
+                if fh.readinto(view) != want:
+                    raise InputError(f"{self.path}: tensor '{name}' is cut short (file truncated while reading)")
+                count = want // itemsize
+                flat[done:done + count].copy_(torch.frombuffer(view, dtype=dtype))
+                done += count
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.layout)

@@ -262,7 +262,10 @@ def _key_rows(tensors: Mapping[str, torch.Tensor], key: str, settings: spectral.
     running_var)."""
     out = KeyRows()
     rows, skipped = out.rows, out.skipped
-    t = tensors[key]
+    # a file that can widen a matrix to float64 chunk by chunk saves holding both copies whole
+    widen = getattr(tensors, "read_float64", None)
+    wide = widen(key) if callable(widen) and len(shape_of(tensors, key)) >= 2 else None
+    t = wide if wide is not None else tensors[key]
     layer, _, leaf = key.rpartition(".")
     layer = layer or key
     bn_weight = tensors.get(f"{layer}.weight") if leaf == "running_var" else None
