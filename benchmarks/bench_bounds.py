@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import lipcheck
+from lipcheck.testing import lipsdp_neuron
 
 
 def trained_mlp(widths: list[int], seed: int, steps: int) -> nn.Sequential:
@@ -39,29 +40,6 @@ def trained_mlp(widths: list[int], seed: int, steps: int) -> nn.Sequential:
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     return model.eval()
-
-
-def lipsdp_neuron(ws: list[np.ndarray]) -> float:
-    """sqrt(rho) of LipSDP-Neuron with ReLU slopes [0, 1] (weights as (out, in))."""
-    import cvxpy as cp
-
-    d0, hid = ws[0].shape[1], [w.shape[0] for w in ws[:-1]]
-    n, big = sum(hid), ws[0].shape[1] + sum(hid)
-    a_mat, b_mat = np.zeros((n, big)), np.zeros((n, big))
-    r = c = 0
-    for w in ws[:-1]:
-        a_mat[r:r + w.shape[0], c:c + w.shape[1]] = w
-        b_mat[r:r + w.shape[0], d0 + r:d0 + r + w.shape[0]] = np.eye(w.shape[0])
-        c, r = c + w.shape[1], r + w.shape[0]
-    lam, rho = cp.Variable(n, nonneg=True), cp.Variable(nonneg=True)
-    last = np.zeros((big, big))
-    last[big - ws[-1].shape[1]:, big - ws[-1].shape[1]:] = ws[-1].T @ ws[-1]
-    e0 = np.zeros((big, big))
-    e0[:d0, :d0] = np.eye(d0)
-    t = cp.diag(lam)
-    lmi = a_mat.T @ t @ b_mat + b_mat.T @ t @ a_mat - 2 * b_mat.T @ t @ b_mat - rho * e0 + last
-    cp.Problem(cp.Minimize(rho), [(lmi + lmi.T) / 2 << 0]).solve()
-    return math.sqrt(float(rho.value))
 
 
 def run(name: str, model: nn.Sequential, n_in: int, tmp: Path, max_neurons: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -401,3 +401,33 @@ def plain_power(gram: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]
         prev = sigma
         x = z / torch.linalg.vector_norm(z)
     return PowerEstimate(sigma, max_iters, False)
+
+
+def lipsdp_neuron(weights: list[Any]) -> float:
+    """LipSDP-Neuron (Fazlyab et al. 2019) of a ReLU MLP (slopes [0, 1]): sqrt(rho) of the
+    smallest rho for which the SDP is feasible, with weights as float64 (out, in) numpy arrays.
+    A reference for tests and benchmarks: needs cvxpy (the ``bench`` extra), imported here."""
+    import cvxpy as cp
+    import numpy as np
+
+    ws = weights
+    d0, hid = ws[0].shape[1], [w.shape[0] for w in ws[:-1]]
+    n, big = sum(hid), ws[0].shape[1] + sum(hid)
+    a_mat, b_mat = np.zeros((n, big)), np.zeros((n, big))
+    r = c = 0
+    for w in ws[:-1]:
+        a_mat[r:r + w.shape[0], c:c + w.shape[1]] = w
+        b_mat[r:r + w.shape[0], d0 + r:d0 + r + w.shape[0]] = np.eye(w.shape[0])
+        c, r = c + w.shape[1], r + w.shape[0]
+    lam, rho = cp.Variable(n, nonneg=True), cp.Variable(nonneg=True)
+    last = np.zeros((big, big))
+    last[big - ws[-1].shape[1]:, big - ws[-1].shape[1]:] = ws[-1].T @ ws[-1]
+    e0 = np.zeros((big, big))
+    e0[:d0, :d0] = np.eye(d0)
+    t = cp.diag(lam)
+    lmi = a_mat.T @ t @ b_mat + b_mat.T @ t @ a_mat - 2 * b_mat.T @ t @ b_mat - rho * e0 + last
+    cp.Problem(cp.Minimize(rho), [(lmi + lmi.T) / 2 << 0]).solve()
+    value = rho.value
+    if value is None:
+        raise RuntimeError("the LipSDP problem was not solved")
+    return math.sqrt(float(value))

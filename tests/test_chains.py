@@ -14,6 +14,7 @@ from torch import nn
 
 import lipcheck
 from lipcheck.chains import eclipse_fast
+from lipcheck.testing import lipsdp_neuron
 
 
 def _mlp(act: type[nn.Module], seed: int, trained: bool) -> nn.Module:
@@ -49,26 +50,9 @@ def test_eclipse_fast_exact_on_a_single_scalar_path():
 
 @pytest.mark.e2e  # an SDP solve
 def test_lipsdp_reference_where_installed():
-    cp = pytest.importorskip("cvxpy")
+    pytest.importorskip("cvxpy")
     model = _mlp(nn.ReLU, 3, True)
     ws = [m.weight.detach().double().numpy() for m in model if isinstance(m, nn.Linear)]
-    # LipSDP-Neuron (Fazlyab et al. 2019), solved with cvxpy, as the reference
-    d0, hid = ws[0].shape[1], [w.shape[0] for w in ws[:-1]]
-    n, big = sum(hid), ws[0].shape[1] + sum(hid)
-    a_mat, b_mat = np.zeros((n, big)), np.zeros((n, big))
-    r = c = 0
-    for w in ws[:-1]:
-        a_mat[r:r + w.shape[0], c:c + w.shape[1]] = w
-        b_mat[r:r + w.shape[0], d0 + r:d0 + r + w.shape[0]] = np.eye(w.shape[0])
-        c, r = c + w.shape[1], r + w.shape[0]
-    lam, rho = cp.Variable(n, nonneg=True), cp.Variable(nonneg=True)
-    last = np.zeros((big, big))
-    last[big - ws[-1].shape[1]:, big - ws[-1].shape[1]:] = ws[-1].T @ ws[-1]
-    e0 = np.zeros((big, big))
-    e0[:d0, :d0] = np.eye(d0)
-    t = cp.diag(lam)
-    lmi = a_mat.T @ t @ b_mat + b_mat.T @ t @ a_mat - 2 * b_mat.T @ t @ b_mat - rho * e0 + last
-    cp.Problem(cp.Minimize(rho), [(lmi + lmi.T) / 2 << 0]).solve()
-    sdp = math.sqrt(float(rho.value))
+    sdp = lipsdp_neuron(ws)  # LipSDP-Neuron (Fazlyab et al. 2019), solved with cvxpy, as the reference
     fast = eclipse_fast(ws, [(0.0, 1.0)] * 2)
     assert fast is not None and fast >= sdp * (1 - 1e-4)
