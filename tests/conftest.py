@@ -163,3 +163,22 @@ def fit_to_sine(model: torch.nn.Module, n_in: int, n_out: int, scale: float, ste
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     return model.eval()
+
+
+def llama_tensors(seed: int = 0, dtype: torch.dtype = torch.bfloat16, d: int = 32, f: int = 48, v: int = 40,
+                  blocks: int = 2) -> dict[str, torch.Tensor]:
+    """A seeded Llama-shaped state: embedding, lm_head, final norm, and per block q (d x d),
+    grouped-query k/v (d/2 x d), o, gate/up (f x d), down (d x f) and the input norm."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    t = {"model.embed_tokens.weight": torch.randn(v, d, generator=g),
+         "lm_head.weight": torch.randn(v, d, generator=g), "model.norm.weight": torch.ones(d)}
+    for i in range(blocks):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (d // 2, d)),
+                            ("self_attn.v_proj", (d // 2, d)), ("self_attn.o_proj", (d, d)),
+                            ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)), ("mlp.down_proj", (d, f))):
+            t[p + name + ".weight"] = torch.randn(*shape, generator=g) / math.sqrt(d)
+        t[p + "input_layernorm.weight"] = torch.ones(d)
+    return {k: val.to(dtype) for k, val in t.items()}

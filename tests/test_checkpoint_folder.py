@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import llama_tensors
 from safetensors.torch import save_file
 
 import lipcheck
@@ -37,17 +38,7 @@ def _save_folder(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 2
 
 
 def _llama(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    t = {"model.embed_tokens.weight": torch.randn(V, D, generator=g),
-         "lm_head.weight": torch.randn(V, D, generator=g), "model.norm.weight": torch.ones(D)}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        for name, shape in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (D // 2, D)),
-                            ("self_attn.v_proj", (D // 2, D)), ("self_attn.o_proj", (D, D)),
-                            ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)), ("mlp.down_proj", (D, F))):
-            t[p + name + ".weight"] = torch.randn(*shape, generator=g) / math.sqrt(D)
-        t[p + "input_layernorm.weight"] = torch.ones(D)
-    return {k: v.to(dtype) for k, v in t.items()}
+    return llama_tensors(seed, dtype, D, F, V)
 
 
 def _exact(w: torch.Tensor) -> float:

@@ -4,7 +4,6 @@ writes the report a single process writes; an error on either rank ends both wit
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import socket
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import llama_tensors
 from safetensors.torch import save_file
 
 from lipcheck.distributed import World, assign, world_from_env
@@ -26,16 +26,8 @@ D, F, V, E = 32, 48, 40, 4
 def _folder(path: Path) -> Path:
     """A seeded Llama-shaped folder in three shards: attention and MLP matrices, fused experts,
     an embedding, norms, with config.json's head counts."""
+    t = llama_tensors(0, torch.float32, D, F, V)
     g = torch.Generator().manual_seed(0)
-    t = {"model.embed_tokens.weight": torch.randn(V, D, generator=g),
-         "lm_head.weight": torch.randn(V, D, generator=g), "model.norm.weight": torch.ones(D)}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        for name, shape in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (D // 2, D)),
-                            ("self_attn.v_proj", (D // 2, D)), ("self_attn.o_proj", (D, D)),
-                            ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)), ("mlp.down_proj", (D, F))):
-            t[p + name + ".weight"] = torch.randn(*shape, generator=g) / math.sqrt(D)
-        t[p + "input_layernorm.weight"] = torch.ones(D)
     t["model.layers.1.mlp.experts.down_proj"] = torch.randn(E, D, 12, generator=g)
     t = {k: v.to(torch.bfloat16) for k, v in t.items()}
     path.mkdir()
