@@ -30,7 +30,7 @@ CERT_GAP = 1e-7
 CERT_MAX_ROUNDS = 8  # Cholesky rounds before the exact-eigenvalue / Gram-iteration fallback
 CERT_EIG_BATCH = 4  # exact top eigenvalues computed per failed round
 CERT_POWER_STEPS = 8  # batched power steps for the first candidate
-FREQ_CHUNK_BYTES = 1 << 25  # kernel-DFT matrices held at once by the FFT certificate
+FREQ_CHUNK_BYTES = 1 << 23  # kernel-DFT matrices held at once by the FFT certificate (about 6x this is scratch)
 GRAM_MAX_STEPS = 14  # squarings of the Gram-iteration fallback
 # Convs whose per-group explicit matrices are this small are measured exactly
 # (conv_explicit_bounds): the Gram side, the flops of all groups, the bytes of one batch.
