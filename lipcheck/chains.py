@@ -188,10 +188,13 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
                 end = nxt
                 last_linear = len(nodes)
                 nxt = only_consumer(g, end.outputs[0])
+            absorbed: list[str] = []
+            if nxt is None:  # x * g(x) (SiLU, Mish): x feeds the product and the branch g
+                nxt, absorbed = _product_activation(g, outcome_of, end.outputs[0])
             if nxt is None or outcome_of.get(nxt.name) is None or outcome_of[nxt.name].unbounded is not None:
                 break
-            slope = slope_range(nxt)
-            if slope is None or data_inputs(g, nxt) != [0]:
+            slope = outcome_of[nxt.name].slopes if absorbed else slope_range(nxt)
+            if slope is None or (not absorbed and data_inputs(g, nxt) != [0]):
                 break
             lin = only_consumer(g, nxt.outputs[0])
             w_next = linear_weight(ctx, lin, data_inputs(g, lin)) if lin is not None else None
@@ -199,6 +202,7 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
                     or outcome_of.get(lin.name) is None or outcome_of[lin.name].unbounded is not None:
                 break
             nodes += [nxt, lin]
+            used.update(absorbed)
             weights.append(w_next)
             slopes.append(slope)
             end = lin
@@ -208,6 +212,24 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
             chains.append((nodes, weights, slopes))
             used.update(n.name for n in nodes)
     return chains
+
+
+def _product_activation(graph: Graph, outcome_of: dict[str, Outcome], value: str) -> tuple[Node | None, list[str]]:
+    """The op of a recognised x * g(x) activation of ``value`` when every reader of ``value`` is
+    that op or part of its g (its ``absorbs``), with its slope range known; else (None, [])."""
+    users = graph.consumers.get(value, [])
+    if value in graph.outputs:
+        return None, []
+    for node in users:
+        out = outcome_of.get(node.name)
+        if out is None or out.slopes is None or value not in out.sources.values():
+            continue
+        inside = set(out.absorbs)
+        if all(u is node or u.name in inside for u in users) and all(
+                all(c.name in inside or c is node for c in graph.consumers.get(o, []))
+                for n in graph.nodes if n.name in inside for o in n.outputs if o):
+            return node, list(out.absorbs)
+    return None, []
 
 
 def apply_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> int:

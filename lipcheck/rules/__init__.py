@@ -42,6 +42,9 @@ class Outcome:
     # names of earlier ops whose weights this op's factor includes (a BatchNorm folded into
     # the conv before it): rescaling one of them rescales this factor too
     folds: list[str] = field(default_factory=list)
+    # for an activation recognised from several ops (x * sigmoid(x)): the range [a, b] of its
+    # slopes as a function of its source value (chain certificates use it; None: not one)
+    slopes: tuple[float, float] | None = None
 
 
 @dataclass
