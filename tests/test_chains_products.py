@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit_to_sine
 from torch import nn
 
 import lipcheck
-from conftest import fit_to_sine
 
 
 def _sigma(w: torch.Tensor) -> float:
@@ -64,7 +64,8 @@ def test_product_slope_ranges_hold_and_are_tight(name: str) -> None:
     y = fn(x)
     quotients = (y[1:] - y[:-1]) / (x[1:] - x[:-1])
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(200000, generator=g, dtype=torch.float64) * 6, torch.randn(200000, generator=g, dtype=torch.float64) * 6
+    a = torch.randn(200000, generator=g, dtype=torch.float64) * 6
+    b = torch.randn(200000, generator=g, dtype=torch.float64) * 6
     far = (fn(a) - fn(b)) / (a - b)
     for q in (quotients, far):
         assert lo <= float(q.min()) and float(q.max()) <= hi
