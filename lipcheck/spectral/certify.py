@@ -642,12 +642,8 @@ def _krylov_one(w: torch.Tensor, settings: Settings, delta: float) -> tuple[floa
     eps = lanczos_epsilon(k, n, delta)
     if eps >= 1 or 1 / math.sqrt(1 - eps) - 1 > PROB_MAX_SLACK:
         return None
-    y = evecs[:, -1].to(dtype=torch.float64, device=w.device) @ basis[:k]
-    y = y / torch.linalg.vector_norm(y)
-    est = float(torch.linalg.vector_norm(w @ y if tall else w.T @ y))
-    lam = max(theta, est * est)
-    eta = 4 * (k + 2) * (n + 2) * UNIT_ROUNDOFF * lam / (1 - eps)
-    upper = math.sqrt((lam + eta) / (1 - eps)) * CERT_SAFETY
+    est, upper = _ritz_bound(w, tall, evecs[:, -1].to(dtype=torch.float64, device=w.device) @ basis[:k],
+                             theta, k, n, eps)
     return est, upper, k, converged
 
 
@@ -724,13 +720,21 @@ def _block_krylov_one(w: torch.Tensor, settings: Settings, delta: float,
     if eps >= 1 or 1 / math.sqrt(1 - eps) - 1 > PROB_MAX_SLACK:
         return None
     dim = k * width
-    y = evecs[:, -1] @ basis[:dim]
+    est, upper = _ritz_bound(w, tall, evecs[:, -1] @ basis[:dim], theta, dim, n, eps)
+    return est, upper, k, converged
+
+
+def _ritz_bound(w: torch.Tensor, tall: bool, y: torch.Tensor, theta: float, dim: int, n: int,
+                eps: float) -> tuple[float, float]:
+    """(estimate, probabilistic upper bound) from the top Ritz value ``theta`` of a Krylov space
+    of dimension ``dim`` and its Ritz vector ``y`` (unnormalised): the estimate is ||W y|| in
+    float64 for the unit y (a true lower bound), and the bound sqrt((λ + η) / (1 - ε)) with
+    λ the larger of the two and η the rounding allowance (see krylov_upper_bound)."""
     y = y / torch.linalg.vector_norm(y)
     est = float(torch.linalg.vector_norm(w @ y if tall else w.T @ y))
     lam = max(theta, est * est)
     eta = 4 * (dim + 2) * (n + 2) * UNIT_ROUNDOFF * lam / (1 - eps)
-    upper = math.sqrt((lam + eta) / (1 - eps)) * CERT_SAFETY
-    return est, upper, k, converged
+    return est, math.sqrt((lam + eta) / (1 - eps)) * CERT_SAFETY
 
 
 def _orthogonalise_rows(basis: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
