@@ -19,7 +19,7 @@ def _sigma(w: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("act", [nn.SiLU, nn.Mish])
-@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.e2e)])  # dynamo: e2e
 def test_chain_through_a_product_activation(tmp_path: Path, act: type[nn.Module], dynamo: bool) -> None:
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(12, 32), act(), nn.Linear(32, 32), act(), nn.Linear(32, 4))

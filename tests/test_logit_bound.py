@@ -62,7 +62,7 @@ def _rope(v: torch.Tensor, pos: int) -> torch.Tensor:
 
 
 def _ascent(t: dict[str, torch.Tensor], block: int, head: int, qk_norm: bool = False,
-            starts: int = 6, steps: int = 300, positions: tuple[int, int] = (3, 11)) -> float:
+            starts: int = 4, steps: int = 250, positions: tuple[int, int] = (3, 11)) -> float:
     """The largest |q_i.k_j|/sqrt(d_head) found by Adam over the two tokens' inputs (at these
     rotary positions)."""
     p = f"model.layers.{block}."

@@ -29,7 +29,7 @@ def _sigma(w: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(w.detach().double(), 2))
 
 
-@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.e2e)])  # dynamo: e2e
 def test_pair_is_measured_as_one(tmp_path: Path, dynamo: bool) -> None:
     m = _model(0)
     path = tmp_path / "m.onnx"
