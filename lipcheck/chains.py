@@ -170,6 +170,7 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
     inside read only by the next op. Returns (the nodes, in order; weights; slopes)."""
     g = ctx.graph
     outcome_of = {node.name: outcome for node, outcome in steps}
+    by_name = {node.name: node for node, _ in steps}
     used: set[str] = set()
     chains = []
     for node, outcome in steps:
@@ -190,7 +191,7 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
                 nxt = only_consumer(g, end.outputs[0])
             absorbed: list[str] = []
             if nxt is None:  # x * g(x) (SiLU, Mish): x feeds the product and the branch g
-                nxt, absorbed = _product_activation(g, outcome_of, end.outputs[0])
+                nxt, absorbed = _product_activation(g, outcome_of, by_name, end.outputs[0])
             if nxt is None or outcome_of.get(nxt.name) is None or outcome_of[nxt.name].unbounded is not None:
                 break
             slope = outcome_of[nxt.name].slopes if absorbed else slope_range(nxt)
@@ -214,9 +215,11 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
     return chains
 
 
-def _product_activation(graph: Graph, outcome_of: dict[str, Outcome], value: str) -> tuple[Node | None, list[str]]:
+def _product_activation(graph: Graph, outcome_of: dict[str, Outcome], by_name: dict[str, Node],
+                        value: str) -> tuple[Node | None, list[str]]:
     """The op of a recognised x * g(x) activation of ``value`` when every reader of ``value`` is
-    that op or part of its g (its ``absorbs``), with its slope range known; else (None, [])."""
+    that op or part of its g (its ``absorbs``), and nothing else reads g's values, with its
+    slope range known; else (None, [])."""
     users = graph.consumers.get(value, [])
     if value in graph.outputs:
         return None, []
@@ -225,9 +228,10 @@ def _product_activation(graph: Graph, outcome_of: dict[str, Outcome], value: str
         if out is None or out.slopes is None or value not in out.sources.values():
             continue
         inside = set(out.absorbs)
+        branch = [by_name[name] for name in inside if name in by_name]
         if all(u is node or u.name in inside for u in users) and all(
-                all(c.name in inside or c is node for c in graph.consumers.get(o, []))
-                for n in graph.nodes if n.name in inside for o in n.outputs if o):
+                c is node or c.name in inside for n in branch for o in n.outputs if o
+                for c in graph.consumers.get(o, [])):
             return node, list(out.absorbs)
     return None, []
 
