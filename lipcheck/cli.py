@@ -219,29 +219,28 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
     from . import distributed
 
     world = distributed.world_from_env()
-    if world is None:
+    spread = distributed.Spread(world) if world is not None else None
+
+    def analyze_each() -> list[dict]:  # type: ignore[type-arg]
         docs = []
         for model in models:
-            with progress_bar(progress and sys.stderr.isatty()) as callback:
-                analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
-                                        architecture=architecture, empirical=empirical, per_head=per_head,
-                                        start=start)
+            with progress_bar(progress and sys.stderr.isatty() and (world is None or world.leader)) as callback:
+                try:
+                    analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
+                                            architecture=architecture, empirical=empirical, per_head=per_head,
+                                            spread=spread, start=start)
+                except distributed.NotMine:
+                    continue  # under torchrun, a model with a graph: rank 0 analyses it alone
             docs.append(analysis.report.to_dict())
         return docs
+
+    if world is None:
+        return analyze_each()
     # Under torchrun: every process runs this; the tensors are shared out, rank 0 reports.
     docs, failure = [], None
     with distributed.process_group(world):
-        spread = distributed.Spread(world)
         try:
-            for model in models:
-                with progress_bar(progress and sys.stderr.isatty() and world.leader) as callback:
-                    try:
-                        analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
-                                                architecture=architecture, empirical=empirical,
-                                                per_head=per_head, spread=spread, start=start)
-                    except distributed.NotMine:
-                        continue  # a model with a graph: rank 0 analyses it alone
-                docs.append(analysis.report.to_dict())
+            docs = analyze_each()
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it (settle re-raises)
             failure = exc
         if not world.leader:
