@@ -157,7 +157,7 @@ class Spread:
         return self.world.leader
 
     def __call__(self, keys: list[str], work: Callable[[str], Any], tensors: Mapping[str, Any]) -> list[Any]:
-        from .rules.tensors import shape_of
+        from .formats.checkpoint_folder import shape_of
 
         owner = assign([_numel(shape_of(tensors, key)) for key in keys], self.world.size)
         mine: dict[int, Any] = {}

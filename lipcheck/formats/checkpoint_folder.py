@@ -55,9 +55,7 @@ class ShardedTensors(Mapping[str, torch.Tensor]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape from its shard's header (safetensors) or its mapped storage."""
-        shard = self.where[name]
-        read_shape = getattr(shard, "shape", None)
-        return tuple(read_shape(name)) if callable(read_shape) else tuple(shard[name].shape)
+        return shape_of(self.where[name], name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.order)
@@ -67,6 +65,14 @@ class ShardedTensors(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.order)
+
+
+def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """A tensor's shape, from the file's header where the mapping reads lazily (nothing read)."""
+    shape = getattr(tensors, "shape", None)
+    if callable(shape):
+        return tuple(shape(key))
+    return tuple(tensors[key].shape)
 
 
 class _Listed(Mapping[str, torch.Tensor]):
@@ -95,8 +101,7 @@ class _Listed(Mapping[str, torch.Tensor]):
         return read(name) if callable(read) and name in self.known else None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        read_shape = getattr(self.shard, "shape", None)
-        return tuple(read_shape(name)) if callable(read_shape) else tuple(self.shard[name].shape)
+        return shape_of(self.shard, name)
 
 
 def _inside(folder: Path, name: Any, where: str) -> Path:

@@ -14,6 +14,7 @@ import torch
 
 from .. import names, snorm, spectral
 from ..aliases import ProgressFn
+from ..formats.checkpoint_folder import shape_of
 from ..heads import Heads
 from ..report import LayerRow, RowKind, SkippedOp
 
@@ -136,18 +137,18 @@ def _head_rows(matrix: LayerRow, key: str, w: torch.Tensor, heads: Heads,
         fused = heads.split_fused(stored) if leaf in FUSED_CONTIGUOUS else None
         if fused is None:
             return None
-        parts = [(role, h, block, f"{role}.h{h}", f"{role} head {h}: rows of the fused matrix")
+        parts = [(role, block, f"{role}.h{h}", f"{role} head {h}: rows of the fused matrix")
                  for role, h, block in fused]
     else:
         blocks = heads.split(matrix.role, stored)
         if blocks is None:
             return None
         what = "columns" if matrix.role == "o" else "rows"
-        parts = [(matrix.role, h, block, f"h{h}",
+        parts = [(matrix.role, block, f"h{h}",
                   f"head {h} of {len(blocks)}: {what} {h * heads.head_dim}..{(h + 1) * heads.head_dim - 1}")
                  for h, block in enumerate(blocks)]
     out = []
-    for role, _, block, tag, note in parts:
+    for role, block, tag, note in parts:
         bound = spectral.dense_bound(block.contiguous(), settings)
         est, cert = bound.estimate, bound.upper
         row = LayerRow(name=f"{matrix.name}[{tag}]", op="Linear", kind=RowKind.HEAD, sigma=est.sigma,
@@ -180,14 +181,6 @@ class KeyRows:
     note: str | None = None
     passive: bool = False
     misfit: bool = False  # a projection whose shape does not fit the head counts
-
-
-def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    """A tensor's shape, from the file's header where the mapping reads lazily (nothing read)."""
-    shape = getattr(tensors, "shape", None)
-    if callable(shape):
-        return tuple(shape(key))
-    return tuple(tensors[key].shape)
 
 
 # Runs ``work`` on each key (in a distributed run: this process's share of them) and returns
