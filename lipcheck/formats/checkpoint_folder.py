@@ -50,8 +50,7 @@ class ShardedTensors(Mapping[str, torch.Tensor]):
 
     def read_float64(self, name: str) -> torch.Tensor | None:
         """The tensor widened to float64 by its shard (chunk by chunk), where the shard can."""
-        read = getattr(self.where[name], "read_float64", None)
-        return read(name) if callable(read) else None
+        return read_float64(self.where[name], name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape from its shard's header (safetensors) or its mapped storage."""
@@ -73,6 +72,13 @@ def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     if callable(shape):
         return tuple(shape(key))
     return tuple(tensors[key].shape)
+
+
+def read_float64(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor | None:
+    """The tensor widened to float64 from its file a chunk at a time, where the mapping can
+    (safetensors); None where it cannot (read it as stored, then widen)."""
+    read = getattr(tensors, "read_float64", None)
+    return read(key) if callable(read) else None
 
 
 class _Listed(Mapping[str, torch.Tensor]):
@@ -97,8 +103,7 @@ class _Listed(Mapping[str, torch.Tensor]):
         return name in self.known
 
     def read_float64(self, name: str) -> torch.Tensor | None:
-        read = getattr(self.shard, "read_float64", None)
-        return read(name) if callable(read) and name in self.known else None
+        return read_float64(self.shard, name) if name in self.known else None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return shape_of(self.shard, name)

@@ -14,7 +14,7 @@ import torch
 
 from .. import names, snorm, spectral
 from ..aliases import ProgressFn
-from ..formats.checkpoint_folder import shape_of
+from ..formats.checkpoint_folder import read_float64, shape_of
 from ..heads import Heads
 from ..report import LayerRow, RowKind, SkippedOp
 
@@ -256,8 +256,7 @@ def _key_rows(tensors: Mapping[str, torch.Tensor], key: str, settings: spectral.
     out = KeyRows()
     rows, skipped = out.rows, out.skipped
     # a file that can widen a matrix to float64 chunk by chunk saves holding both copies whole
-    widen = getattr(tensors, "read_float64", None)
-    wide = widen(key) if callable(widen) and len(shape_of(tensors, key)) >= 2 else None
+    wide = read_float64(tensors, key) if len(shape_of(tensors, key)) >= 2 else None
     t = wide if wide is not None else tensors[key]
     layer, _, leaf = key.rpartition(".")
     layer = layer or key
