@@ -214,6 +214,10 @@ def report_section(doc: dict[str, Any]) -> str:
 
     headline = (f"network Lipschitz bound ({_esc(network_kind(net))}): <b>{_num(net['lipschitz_bound'])}</b>"
                 if net["bounded"] else f"no network bound: {_esc(net['reason'])}")
+    if net["bounded"] and net.get("composition") not in (None, "graph-product"):
+        headline += f"; composition: {_esc(net['composition'])}"
+    if net.get("start"):
+        headline += f"<br>from {_esc(net['start'])} (--from): everything not computed from it held fixed"
     probabilistic = [r for r in doc["layers"] if r.get("upper_kind") == "probabilistic"]
     if probabilistic:
         deltas = sorted({r.get("failure_probability") or 0.0 for r in probabilistic})

@@ -115,3 +115,12 @@ def test_check_gates_the_bound_from_the_start(model: tuple[EmbedMLP, Path], cli)
     assert code == 1  # the whole network has no bound
     code, _, err = cli("check", path, "--from", "emb", "--max-lipschitz", "1000")
     assert code == 0, err
+
+
+def test_every_output_names_the_start(model: tuple[EmbedMLP, Path], cli) -> None:  # type: ignore[no-untyped-def]
+    _, path = model
+    for fmt, expected in (("html", "(--from)"), ("markdown", "(--from)"), ("table", "(--from)"),
+                          ("json", '"start": "/emb/Gather_output_0"')):
+        code, out, err = cli("inspect", path, "--from", "emb", "-f", fmt)
+        assert code == 0, err
+        assert expected in out, fmt
