@@ -69,6 +69,7 @@ def weights_of(path: Path, trust: bool) -> Mapping[str, torch.Tensor] | None:
 
 
 def _is_matrix(key: str, t: torch.Tensor) -> bool:
+    """``t``: the tensor or its header (shape and dtype only)."""
     return t.is_floating_point() and (t.ndim == 2 or (t.ndim == 3 and "experts" in key.split(".")))
 
 
@@ -82,12 +83,15 @@ def update_rules(model: str, baseline: str, a: Mapping[str, torch.Tensor], b: Ma
     Cholesky certificate of sigma(W_B - W_A) (certified), and the relative change is
     ``delta_sigma_upper / sigma_a`` with ``sigma_a`` the Lanczos/power estimate of
     sigma(W_A), a lower bound, so the quotient is at least the true ratio."""
+    from .formats.checkpoint_folder import header_of
     from .gate import RuleResult, name_list, over_by
 
     out: list[RuleResult] = []
-    only_new = [k for k in b if k not in a and _is_matrix(k, b[k])]
-    only_old = [k for k in a if k not in b and _is_matrix(k, a[k])]
-    reshaped = [k for k in b if k in a and _is_matrix(k, b[k]) and a[k].shape != b[k].shape]
+    # headers only: update_norms has already read the tensors once
+    only_new = [k for k in b if k not in a and _is_matrix(k, header_of(b, k))]
+    only_old = [k for k in a if k not in b and _is_matrix(k, header_of(a, k))]
+    reshaped = [k for k in b if k in a and _is_matrix(k, header_of(b, k))
+                and header_of(a, k).shape != header_of(b, k).shape]
     text = f"{len(updates)} matrices compared with the baseline checkpoint {baseline}"
     parts = ([f"not in the baseline: {name_list(only_new)}"] if only_new else []) + (
         [f"missing from the model: {name_list(only_old)}"] if only_old else []) + (

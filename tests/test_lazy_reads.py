@@ -78,3 +78,26 @@ def test_read_float64_of_a_file_cut_short(tmp_path: Path) -> None:
         fh.truncate(path.stat().st_size - 100)
     with pytest.raises(InputError):
         f.read_float64("w")
+
+
+def test_update_rules_list_unmatched_matrices_from_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The update gate's matching (new, missing, reshaped matrices) reads headers, not tensors:
+    update_norms has read them already."""
+    from lipcheck.updates import update_rules
+
+    a = load_checkpoint_folder(_folder(tmp_path / "a", False)).tensors
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(7, 4), "model.extra.weight": torch.zeros(3, 3)},
+              str(b_dir / "model.safetensors"))
+    b = load_checkpoint_folder(b_dir).tensors
+    assert a is not None and b is not None
+    reads: list[str] = []
+    real = safetensors_format.SafetensorsFile.__getitem__
+    monkeypatch.setattr(safetensors_format.SafetensorsFile, "__getitem__",
+                        lambda self, name: reads.append(name) or real(self, name))
+    out = update_rules("b", "a", a, b, [], max_delta_sigma=1.0, max_relative_delta=None)
+    assert reads == []
+    text = out[0].message
+    assert "not in the baseline: model.extra.weight" in text
+    assert "shape changed: model.layers.0.mlp.up_proj.weight" in text

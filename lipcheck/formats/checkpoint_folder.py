@@ -52,9 +52,9 @@ class ShardedTensors(Mapping[str, torch.Tensor]):
         """The tensor widened to float64 by its shard (chunk by chunk), where the shard can."""
         return read_float64(self.where[name], name)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The tensor's shape from its shard's header (safetensors) or its mapped storage."""
-        return shape_of(self.where[name], name)
+    def header(self, name: str) -> torch.Tensor:
+        """The tensor's shape and dtype from its shard's header (safetensors) or its mapped storage."""
+        return header_of(self.where[name], name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.order)
@@ -66,12 +66,16 @@ class ShardedTensors(Mapping[str, torch.Tensor]):
         return len(self.order)
 
 
+def header_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """A tensor with the stored shape and dtype: a meta tensor from the file's header where the
+    mapping reads lazily (nothing read), else the tensor itself."""
+    header = getattr(tensors, "header", None)
+    return header(key) if callable(header) else tensors[key]
+
+
 def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     """A tensor's shape, from the file's header where the mapping reads lazily (nothing read)."""
-    shape = getattr(tensors, "shape", None)
-    if callable(shape):
-        return tuple(shape(key))
-    return tuple(tensors[key].shape)
+    return tuple(header_of(tensors, key).shape)
 
 
 def read_float64(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor | None:
@@ -105,8 +109,8 @@ class _Listed(Mapping[str, torch.Tensor]):
     def read_float64(self, name: str) -> torch.Tensor | None:
         return read_float64(self.shard, name) if name in self.known else None
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return shape_of(self.shard, name)
+    def header(self, name: str) -> torch.Tensor:
+        return header_of(self.shard, name)
 
 
 def _inside(folder: Path, name: Any, where: str) -> Path:

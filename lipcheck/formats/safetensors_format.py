@@ -114,8 +114,10 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.layout)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.layout[name][1]
+    def header(self, name: str) -> torch.Tensor:
+        """A meta tensor of the stored shape and dtype (from the header: nothing read)."""
+        dtype, shape, _, _ = self.layout[name]
+        return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def load_safetensors(path: Path) -> SafetensorsFile:

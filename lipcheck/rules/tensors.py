@@ -14,7 +14,7 @@ import torch
 
 from .. import names, snorm, spectral
 from ..aliases import ProgressFn
-from ..formats.checkpoint_folder import read_float64, shape_of
+from ..formats.checkpoint_folder import header_of, read_float64, shape_of
 from ..heads import Heads
 from ..report import LayerRow, RowKind, SkippedOp
 
@@ -59,9 +59,9 @@ class _EffectiveWeights(Mapping[str, torch.Tensor]):
             return self.base[key]
         return snorm.effective_weight(self.base[sn.original], self.base[sn.u], self.base[sn.v])[0]
 
-    def shape(self, key: str) -> tuple[int, ...]:
+    def header(self, key: str) -> torch.Tensor:
         sn = self.computed.get(key)
-        return shape_of(self.base, sn.original if sn is not None else key)
+        return header_of(self.base, sn.original if sn is not None else key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.order)
