@@ -7,8 +7,9 @@ the command line's flags.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .aliases import ProgressFn, Shape
 from .options import DEFAULTS, Options
@@ -16,6 +17,7 @@ from .options import DEFAULTS, Options
 if TYPE_CHECKING:
     import torch
 
+    from .interval import Domain
     from .normalization import NormalizeResult
     from .report import Report
 
@@ -38,6 +40,8 @@ def analyze(
     empirical: bool = False,
     per_head: bool = False,
     start: str | None = None,
+    input_range: str | Sequence[float] | Sequence[Sequence[float]] | None = None,
+    input_radius: float | None = None,
 ) -> Report:
     """Analyse a model file or an in-memory ``nn.Module`` and return its Report.
 
@@ -52,12 +56,35 @@ def analyze(
     head of each q/k/v/o projection (kind ``head``).
     ``start``: the node, layer or value the network bound starts at (``--from``; e.g. the
     embedding's output), all that is not computed from it held fixed.
+    ``input_range`` (``"0,1"``, ``(0, 1)`` or one pair per channel) and ``input_radius`` (an
+    L2 ball around the range's middle, or 0): the input domain; ops with no global constant
+    (products, attention, exp, normalisation by a variance the domain keeps from 0) get a
+    local one there, and the network bound then holds on that domain only
+    (``network.domain``).
     """
     from .pipeline import make_settings, run_analysis
 
+    domain = _domain(input_range, input_radius)
     settings = make_settings(Options(tol, max_iters, seed, device, dtype, method, certify, failure_probability))
     return run_analysis(source, input_shape, settings, trust=trust, progress=progress,
-                        architecture=architecture, empirical=empirical, per_head=per_head, start=start).report
+                        architecture=architecture, empirical=empirical, per_head=per_head, start=start,
+                        domain=domain).report
+
+
+def _domain(input_range: str | Sequence[float] | Sequence[Sequence[float]] | None,
+            input_radius: float | None) -> Domain | None:
+    """The domain ``analyze`` was given: a range as the command line writes it, one pair, or
+    one pair per channel; and a radius."""
+    from .interval import parse_domain
+
+    if input_range is None or isinstance(input_range, str):
+        return parse_domain(input_range, input_radius)
+    items: list[Any] = list(input_range)
+    if items and all(isinstance(v, Sequence) for v in items):
+        text = ";".join(",".join(repr(float(v)) for v in pair) for pair in items)
+    else:
+        text = ",".join(repr(float(v)) for v in items)
+    return parse_domain(text, input_radius)
 
 
 def normalize(

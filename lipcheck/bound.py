@@ -22,6 +22,7 @@ import numpy as np
 
 from .aliases import ProgressFn
 from .graph import Graph, Node
+from .interval import Boxes
 from .report import LayerRow, NetworkResult, SkippedOp
 from .rules import RULES, Context, Outcome
 
@@ -140,7 +141,32 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
             result.network.reason += f" (BatchNorm/per-channel scales folded into {len(folded)} linear op(s))"
         if merged:
             result.network.reason += f" ({len(merged)} pair(s) of consecutive linear ops measured as one)"
+    if ctx.boxes is not None:
+        _on_domain(result, ctx.boxes, absorbed | before)
     return result
+
+
+def _on_domain(result: Composition, boxes: Boxes, ignored: set[str]) -> None:
+    """With a declared input domain: a bound that used a local constant holds on that domain
+    only, and says so (``network.domain``, the composition, the reason); one that did not is
+    global, and the reason says the domain was not needed."""
+    assert result.network is not None
+    net = result.network
+    local = [node.name for node, outcome in result.steps if outcome.local and node.name not in ignored]
+    where = boxes.domain.describe()
+    for _, outcome in result.steps:
+        if outcome.local and outcome.row is not None and outcome.row.note:
+            outcome.row.note += f" ({where})"
+    if net.bounded and local:
+        net.domain = where
+        net.composition = f"{net.composition or 'graph-product'}+local"
+        names = ", ".join(local[:3]) + (f" and {len(local) - 3} more" if len(local) > 3 else "")
+        net.reason += (f" (local: holds only for inputs in the declared domain, {where}; "
+                       f"{len(local)} op(s) bounded on it by interval propagation: {names})")
+    elif net.bounded:
+        net.reason += f" (global: no op needed the declared input domain, {where})"
+    elif boxes.overflow is not None and any("interval overflow" in r for r in result.reasons):
+        net.reason = net.reason.replace("unbounded: ", f"unbounded (interval overflow at {boxes.overflow}): ", 1)
 
 
 FROM_INSIDE = "--from starts inside"

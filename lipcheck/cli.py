@@ -115,6 +115,8 @@ CertifyOpt = Annotated[Certify, typer.Option("--certify", help="Upper bounds of 
 FailureProbOpt = Annotated[float, typer.Option("--failure-probability", metavar="DELTA", help="Failure probability of each probabilistic upper bound (the network's is their sum).")]
 EmpiricalOpt = Annotated[bool, typer.Option("--empirical", help="Also run the model (float64; ONNX files through onnx2torch) and search for inputs where its Jacobian is largest: a true lower bound on the network's constant, shown with the ratio certified/lower. Off by default (it runs the model, seconds on small ones).")]
 FromOpt = Annotated[str | None, typer.Option("--from", metavar="NODE", help="Start the network bound at this node, layer or value (e.g. the token embedding's output), everything not computed from it held fixed; a graph model only.", show_default=False)]
+RangeOpt = Annotated[str | None, typer.Option("--input-range", metavar="LO,HI", help="Declare the inputs' range: LO,HI for every element, or LO,HI;LO,HI;... one per channel (axis 1). Interval propagation then gives products (gating, squeeze-excitation), division, attention, exp/log and normalisation local constants on that domain; the network bound then holds for inputs in it only, and every output says so.", show_default=False)]
+RadiusOpt = Annotated[float | None, typer.Option("--input-radius", metavar="R", help="Declare the inputs to lie within L2 distance R of the --input-range's middle (of 0 without one); see --input-range.", show_default=False)]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr (shown only on a terminal).")]
 
 
@@ -206,10 +208,14 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
                  device: Device, dtype: DType, method: Method, trust: bool, progress: bool,
                  architecture: str | None = None, *, certify: Certify = Certify(DEFAULTS.certify),
                  failure_probability: float = DEFAULTS.failure_probability,
-                 empirical: bool = False, per_head: bool = False, start: str | None = None) -> list[dict]:
+                 empirical: bool = False, per_head: bool = False, start: str | None = None,
+                 input_range: str | None = None, input_radius: float | None = None) -> list[dict]:
     shape = parse_shape(input_shape)
     _check_inputs(*models)
     _check_architecture(architecture)
+    from .interval import parse_domain
+
+    domain = parse_domain(input_range, input_radius)
     options = Options(tol, max_iters, seed, device.value, dtype.value, method.value, certify.value,
                       failure_probability)  # checked before torch loads
     from .pipeline import make_settings, run_analysis
@@ -228,7 +234,7 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
                 try:
                     analysis = run_analysis(model, shape, settings, trust=trust, progress=callback,  # type: ignore[arg-type]
                                             architecture=architecture, empirical=empirical, per_head=per_head,
-                                            spread=spread, start=start)
+                                            spread=spread, start=start, domain=domain)
                 except distributed.NotMine:
                     continue  # under torchrun, a model with a graph: rank 0 analyses it alone
             docs.append(analysis.report.to_dict())
@@ -316,6 +322,8 @@ def inspect(
     empirical: EmpiricalOpt = False,
     per_head: Annotated[bool, typer.Option("--per-head", help="For a model folder whose config.json gives the attention heads: also one row per head of each q/k/v/o projection (named <matrix>[h3], kind head; not gated).")] = False,
     start: FromOpt = None,
+    input_range: RangeOpt = None,
+    input_radius: RadiusOpt = None,
 ) -> int:
     """Per-layer spectral norms and the network's Lipschitz bound."""
     from . import writers
@@ -323,7 +331,8 @@ def inspect(
     _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
                         architecture, certify=certify, failure_probability=failure_probability,
-                        empirical=empirical, per_head=per_head, start=start)
+                        empirical=empirical, per_head=per_head, start=start, input_range=input_range,
+                        input_radius=input_radius)
     if format is OutputFormat.table:
         from rich.console import Group
 
@@ -365,6 +374,8 @@ def check(
     progress: ProgressOpt = True,
     architecture: ArchOpt = None,
     start: FromOpt = None,
+    input_range: RangeOpt = None,
+    input_radius: RadiusOpt = None,
 ) -> int:
     """A robustness gate: exit 0 when every rule holds, 1 when one fails (one line each on stderr)."""
     from . import gate, writers
@@ -392,7 +403,8 @@ def check(
         raise UsageError(f"--baseline {baseline} does not exist")
     _check_report_path(output, models)
     docs = _analyze_all(models, input_shape, tol, max_iters, seed, device, dtype, method, trust, progress,
-                        architecture, certify=certify, failure_probability=failure_probability, start=start)
+                        architecture, certify=certify, failure_probability=failure_probability, start=start,
+                        input_range=input_range, input_radius=input_radius)
     results = []
     for doc in docs:
         base = gate.load_baseline(baseline, doc["model"]["path"]) if baseline is not None and not updates_gated else None

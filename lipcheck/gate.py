@@ -129,6 +129,9 @@ def evaluate(doc: dict[str, Any], *, max_lipschitz: float | None = None,
         else:
             results.append(RuleResult(model, "max-lipschitz", True, value, max_lipschitz,
                                       f"network bound {value:.6g} <= {max_lipschitz:.6g}"))
+        if value is not None and doc["network"].get("domain"):
+            results[-1].message += (" (a local bound: for inputs in the declared domain only, "
+                                    f"{doc['network']['domain']})")
     if max_layer_sigma is not None:
         worst: tuple[float, str] | None = None
         failed = False

@@ -308,7 +308,7 @@ def _fold(graph: Graph, node: Node) -> None:
         return
     if _fold_too_big(graph, node):
         return
-    values = _evaluate(node, [graph.consts[i] if i else None for i in node.inputs])
+    values = evaluate(node, [graph.consts[i] if i else None for i in node.inputs])
     if values is None:
         return
     for out, val in zip(node.outputs, values):
@@ -350,11 +350,14 @@ def _fold_too_big(graph: Graph, node: Node) -> bool:
     return size > MAX_FOLD_ELEMENTS
 
 
-def _evaluate(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
-    """Evaluate one node on constant inputs with the onnx reference runtime."""
+def evaluate(node: Node, inputs: list[np.ndarray | None],
+             limit: int = MAX_FOLD_ELEMENTS, opset: int = 21) -> list[np.ndarray] | None:
+    """Evaluate one node on constant inputs with the onnx reference runtime (None: it cannot
+    be, or an input or output has more than ``limit`` elements). ``opset``: the version
+    the node's attributes follow."""
     if node.op == "Identity":
         return [inputs[0]] if inputs[0] is not None else None
-    if any(i is not None and i.size > MAX_FOLD_ELEMENTS for i in inputs):
+    if any(i is not None and i.size > limit for i in inputs):
         return None
     from onnx.reference import ReferenceEvaluator
 
@@ -372,7 +375,7 @@ def _evaluate(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] |
             ],
             [helper.make_empty_tensor_value_info(f"o{k}") for k in range(len(node.outputs))],
         )
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = ReferenceEvaluator(m).run(
@@ -381,7 +384,7 @@ def _evaluate(node: Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] |
     except Exception:  # noqa: BLE001 - a value we cannot fold stays unknown
         return None
     result = [np.asarray(v) for v in out]
-    if any(v.size > MAX_FOLD_ELEMENTS for v in result):
+    if any(v.size > limit for v in result):
         return None
     return result
 

@@ -218,6 +218,8 @@ def report_section(doc: dict[str, Any]) -> str:
         headline += f"; composition: {_esc(net['composition'])}"
     if net.get("start"):
         headline += f"<br>from {_esc(net['start'])} (--from): everything not computed from it held fixed"
+    if net.get("domain"):
+        headline += f"<br>local bound: it holds for inputs in the declared domain only ({_esc(net['domain'])})"
     probabilistic = [r for r in doc["layers"] if r.get("upper_kind") == "probabilistic"]
     if probabilistic:
         deltas = sorted({r.get("failure_probability") or 0.0 for r in probabilistic})

@@ -85,16 +85,72 @@ def _top_direction(f: Fn, x: torch.Tensor, v: torch.Tensor, steps: int) -> tuple
     return float(_jvp(f, x, v).norm()), v
 
 
-def _secant(f: Fn, x: torch.Tensor, v: torch.Tensor) -> float:
-    """max over both sides of |f(x + t v) - f(x)| / |t v| minus the rounding allowance: a
-    lower bound on the Lipschitz constant of f for any f."""
+@dataclass
+class Region:
+    """Where the search looks: ``project`` maps a point into the region, ``sample`` draws a
+    start point in it. The default is the ball of radius ``RADIUS_PER_DIM`` sqrt(n); with a
+    declared input domain (lipcheck.interval.Domain), that domain, so the lower bound is one
+    for the constant on the domain too."""
+
+    project: Callable[[torch.Tensor], torch.Tensor]
+    sample: Callable[[torch.Generator, int], torch.Tensor]
+    text: str
+
+
+def _default_region(shape: tuple[int, ...]) -> Region:
+    radius = RADIUS_PER_DIM * math.sqrt(math.prod(shape))
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        n = float(x.norm())
+        return x * (radius / n) if n > radius else x
+
+    def sample(gen: torch.Generator, k: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, dtype=torch.float64) * (1.0 + 2.0 * (k % 2))
+
+    return Region(project, sample, "")
+
+
+def domain_region(domain: Any, shape: tuple[int, ...]) -> Region:
+    """The region of a ``lipcheck.interval.Domain``: its box, and its ball when it has one
+    (projected onto the ball, then clamped to the box: the ball's centre is in the box, so
+    clamping keeps the point in the ball)."""
+    lo_np, hi_np = domain.box(shape)
+    lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
+    centre = torch.from_numpy(domain.centre(shape))
+    radius = domain.radius
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        if radius is not None:
+            d = float((x - centre).norm())
+            if d > radius:
+                x = centre + (x - centre) * (radius / d)
+        return torch.maximum(torch.minimum(x, hi), lo)
+
+    def sample(gen: torch.Generator, k: int) -> torch.Tensor:
+        u = torch.rand(shape, generator=gen, dtype=torch.float64)
+        if k % 2:  # corners as well as insides: products and ReLU patterns peak there
+            u = torch.round(u)
+        span = torch.where(torch.isfinite(hi - lo), hi - lo, torch.zeros_like(lo))
+        base = torch.where(torch.isfinite(lo), lo, centre)
+        x = base + u * span if radius is None else \
+            centre + torch.randn(shape, generator=gen, dtype=torch.float64) * (radius / math.sqrt(u.numel()))
+        return project(x)
+
+    return Region(project, sample, f"; inside the declared domain ({domain.describe()})")
+
+
+def _secant(f: Fn, x: torch.Tensor, v: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """max over both sides of |f(y) - f(x)| / |y - x|, y = x + t v brought into the region,
+    minus the rounding allowance: a lower bound on the Lipschitz constant of f (on the region)
+    for any f."""
     with torch.no_grad():
         fx = f(x)
         best = 0.0
         scale = max(1.0, float(x.norm()))
         for t in (1e-4 * scale, -1e-4 * scale, 1e-6 * scale):
-            y = f(x + t * v)
-            step = abs(t) * float(v.norm())
+            point = project(x + t * v)
+            y = f(point)
+            step = float((point - x).norm())
             diff = float((y - fx).norm()) - ROUNDING * (float(fx.norm()) + float(y.norm()))
             if math.isfinite(diff) and step > 0:
                 best = max(best, diff / step)
@@ -103,19 +159,19 @@ def _secant(f: Fn, x: torch.Tensor, v: torch.Tensor) -> float:
 
 def search(f: Fn, shape: tuple[int, ...], *, seed: int = 0, starts: int = STARTS,
            steps: int = ASCENT_STEPS, power_steps: int = POWER_STEPS,
-           time_limit: float = TIME_LIMIT_S) -> tuple[float, int, torch.Tensor]:
+           time_limit: float = TIME_LIMIT_S, region: Region | None = None) -> tuple[float, int, torch.Tensor]:
     """The largest secant lower bound found from ``starts`` seeded points: (value, the start
     it came from, the point). ``f`` takes a float64 tensor of ``shape``, returns a flat one."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     n = math.prod(shape)
-    radius = RADIUS_PER_DIM * math.sqrt(n)
+    region = region or _default_region(shape)
     best, best_start, best_x = 0.0, -1, torch.zeros(shape, dtype=torch.float64)
     # Screening: many seeded points with a few power steps each; the ascent starts from the
     # best ``starts`` of them (the Jacobian norm varies a lot between linear regions).
     screened = []
     for k in range(SCREEN_PER_START * starts):
-        x = torch.randn(shape, generator=gen, dtype=torch.float64) * (1.0 + 2.0 * (k % 2))
+        x = region.sample(gen, k)
         v = torch.randn(shape, generator=gen, dtype=torch.float64)
         s, v = _top_direction(f, x, v / v.norm(), 8)
         screened.append((s, k, x, v))
@@ -138,15 +194,13 @@ def search(f: Fn, shape: tuple[int, ...], *, seed: int = 0, starts: int = STARTS
             improved = False
             for direction in directions:
                 assert direction is not None
-                trial = x + lr * direction / direction.norm()
-                if float(trial.norm()) > radius:
-                    trial = trial * (radius / float(trial.norm()))
+                trial = region.project(x + lr * direction / direction.norm())
                 s_new, v_new = _top_direction(f, trial, v, power_steps // 5 + 1)
                 if s_new > s:
                     x, s, v, improved = trial.detach(), s_new, v_new, True
             lr = lr * 1.3 if improved else max(lr * 0.7, 1e-3)
         _, v = _top_direction(f, x, v, power_steps)
-        value = _secant(f, x, v)
+        value = _secant(f, x, v, region.project)
         if value > best:
             best, best_start, best_x = value, start, x
         if time.perf_counter() - t0 > time_limit:
@@ -180,9 +234,9 @@ def _runnable(source: Any) -> tuple[torch.nn.Module | None, str]:
 
 def empirical_lower(source: Any, input_shape: tuple[int, ...] | None, *, seed: int = 0,
                     starts: int = STARTS, steps: int = ASCENT_STEPS,
-                    time_limit: float = TIME_LIMIT_S) -> Lower:
+                    time_limit: float = TIME_LIMIT_S, domain: Any = None) -> Lower:
     """A lower bound for ``source`` (an ``nn.Module`` or an ``onnx.ModelProto`` with one data
-    input) on inputs of ``input_shape``."""
+    input) on inputs of ``input_shape`` (in ``domain``, a lipcheck.interval.Domain, when given)."""
     t0 = time.perf_counter()
     if input_shape is None:
         return Lower(None, "no lower bound: the input shape is unknown (pass --input-shape)", 0.0)
@@ -197,8 +251,9 @@ def empirical_lower(source: Any, input_shape: tuple[int, ...] | None, *, seed: i
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            region = domain_region(domain, tuple(input_shape)) if domain is not None else None
             value, start, _ = search(f, tuple(input_shape), seed=seed, starts=starts, steps=steps,
-                                     time_limit=time_limit)
+                                     time_limit=time_limit, region=region)
     except Exception as exc:  # noqa: BLE001 - a model that fails to run: no lower bound, said why
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return Lower(None, f"no lower bound: running {how} failed ({text[:160]})", time.perf_counter() - t0)
@@ -207,7 +262,8 @@ def empirical_lower(source: Any, input_shape: tuple[int, ...] | None, *, seed: i
         return Lower(None, f"no lower bound: no point with a nonzero secant found ({how})", seconds)
     return Lower(value, f"lower bound {value:.6g}: a secant quotient |f(x + h v) - f(x)| / |h v| in float64 "
                         f"at a point found by Jacobian-norm ascent from seeded point {start} (the best "
-                        f"{starts} of {SCREEN_PER_START * starts} screened; seed {seed}; {how}; "
+                        f"{starts} of {SCREEN_PER_START * starts} screened; seed {seed}; {how}"
+                        f"{region.text if region is not None else ''}; "
                         f"{seconds:.2g} s)", seconds)
 
 
@@ -216,7 +272,7 @@ def _data_inputs(model: Any) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
-def attach(analysis: Any, source: Any, seed: int) -> None:
+def attach(analysis: Any, source: Any, seed: int, domain: Any = None) -> None:
     """Fill ``network.lipschitz_lower`` of an analysis' report (``source``: what was analysed,
     an ``nn.Module`` or a path), with a note saying how it was found and the ratio
     upper / lower; a model that cannot be run gets a note saying why, never an error."""
@@ -226,7 +282,7 @@ def attach(analysis: Any, source: Any, seed: int) -> None:
         return
     model = source if isinstance(source, torch.nn.Module) else analysis.loaded.onnx_model
     shape = tuple(report.model.input_shape) if report.model.input_shape else None
-    found = empirical_lower(model, shape, seed=seed)
+    found = empirical_lower(model, shape, seed=seed, domain=domain)
     note = found.note
     upper = report.network.lipschitz_bound
     if found.value is not None:

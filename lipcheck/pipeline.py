@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .formats import Loaded
     from .graph import Graph
     from .heads import Heads
+    from .interval import Domain
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -75,13 +76,15 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None
                  settings: spectral.Settings, *, trust: bool = False,
                  progress: ProgressFn | None = None, architecture: str | None = None,
                  empirical: bool = False, per_head: bool = False, spread: Spread | None = None,
-                 start: str | None = None) -> Analysis:
+                 start: str | None = None, domain: Domain | None = None) -> Analysis:
     """``empirical``: also search for a lower bound by running the model (lipcheck.lower).
     ``per_head``: rows per attention head of q/k/v/o (a model folder whose config.json gives
     the head counts). ``spread``: share a weight-only input's tensors out between processes
     (lipcheck.distributed); a model with a graph is analysed by rank 0 alone (the other ranks
     get ``distributed.NotMine``). ``start`` (--from): the node, layer or value the network
-    bound starts at, all that is not computed from it held fixed (a graph model only)."""
+    bound starts at, all that is not computed from it held fixed (a graph model only).
+    ``domain`` (--input-range / --input-radius): the inputs local constants hold for (a graph
+    model only; lipcheck.interval)."""
     if input_shape is not None and (not input_shape or any(d <= 0 for d in input_shape)):
         raise UsageError(f"{{param}} must be positive dims, batch first, got {input_shape}", param="input_shape")
     if isinstance(source, torch.nn.Module):
@@ -114,11 +117,14 @@ def run_analysis(source: str | Path | torch.nn.Module, input_shape: Shape | None
     if start is not None and loaded.onnx_model is None:
         raise UsageError("{param} needs a model with a graph (ONNX, or a module traced with --input-shape); "
                          f"{info.path} has weights only", param="start")
-    analysis = analyze_loaded(loaded, info, settings, progress, heads, spread, start)
+    if domain is not None and loaded.onnx_model is None:
+        raise UsageError("{param} needs a model with a graph (ONNX, or a module traced with --input-shape); "
+                         f"{info.path} has weights only", param="input_range")
+    analysis = analyze_loaded(loaded, info, settings, progress, heads, spread, start, domain)
     if empirical:
         from .lower import attach
 
-        attach(analysis, source, settings.seed)
+        attach(analysis, source, settings.seed, domain)
     return analysis
 
 
@@ -154,7 +160,8 @@ def _estimates_within_certificates(rows: list[Any]) -> None:
 
 def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
                    progress: ProgressFn | None = None, heads: Heads | None = None,
-                   spread: Spread | None = None, start: str | None = None) -> Analysis:
+                   spread: Spread | None = None, start: str | None = None,
+                   domain: Domain | None = None) -> Analysis:
     if loaded.onnx_model is not None:
         from .bound import compose
         from .graph import build_graph
@@ -165,8 +172,13 @@ def analyze_loaded(loaded: Any, info: ModelInfo, settings: spectral.Settings,
             dims = graph.known_shape(graph.inputs[0])
             info.input_shape = list(dims) if dims else None
         begin = resolve_start(graph, start) if start is not None else None
+        boxes = None
+        if domain is not None:
+            from .interval import propagate
+
+            boxes = propagate(graph, domain)
         with torch.no_grad():
-            comp = compose(graph, Context(graph=graph, settings=settings, start=begin), progress)
+            comp = compose(graph, Context(graph=graph, settings=settings, start=begin, boxes=boxes), progress)
         assert comp.network is not None
         notes = list(loaded.notes)
         if len(graph.inputs) > 1:

@@ -165,6 +165,9 @@ def summary(doc: dict[str, Any]) -> Text:
         text.append(f" - {n['reason']}\n")
     if n.get("start"):
         text.append(f"from {n['start']} (--from): everything not computed from it held fixed\n")
+    if n.get("domain"):
+        text.append(f"local bound: it holds for inputs in the declared domain only ({n['domain']})\n",
+                    style="bold yellow")
     if n.get("lipschitz_lower") is not None:
         text.append("empirical lower bound (a real input's secant): ", style="bold")
         text.append(fmt(n["lipschitz_lower"]))

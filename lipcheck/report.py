@@ -26,6 +26,7 @@ class RowKind(StrEnum):
     NORMALIZATION = "normalization"  # LayerNorm, RMSNorm, GroupNorm, InstanceNorm
     EMBEDDING = "embedding"    # a lookup table: reported, not part of a Lipschitz chain
     HEAD = "head"              # one attention head's block of a q/k/v/o matrix (--per-head)
+    PRODUCT = "product"        # Mul / Div / MatMul of two activations: local on an input domain
 
 
 @dataclass

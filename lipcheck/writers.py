@@ -98,6 +98,8 @@ def inspect_markdown(docs: list[dict[str, Any]]) -> str:
             bound += f"; composition: {net['composition']}"
         if net.get("start"):
             bound += f"; from `{_md_escape(net['start'])}` (--from)"
+        if net.get("domain"):
+            bound += f"; **local**: for inputs in the declared domain only ({_md_escape(net['domain'])})"
         out.append(f"### lipcheck: `{doc['model']['path']}`\n\nNetwork Lipschitz bound: {bound}\n")
         out.append(_md_table(
             ["layer", "op", "input", "sigma (est.)", "sigma_matrix", "sigma_upper", "bound"],

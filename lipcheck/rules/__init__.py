@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..graph import Graph, Node
+from ..interval import Boxes
 from ..report import LayerRow
 from ..spectral import Settings
 
@@ -45,6 +46,8 @@ class Outcome:
     # for an activation recognised from several ops (x * sigmoid(x)): the range [a, b] of its
     # slopes as a function of its source value (chain certificates use it; None: not one)
     slopes: tuple[float, float] | None = None
+    # the factors hold on the declared input domain only (lipcheck.rules.local)
+    local: bool = False
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Context:
     fused: dict[str, Node] = field(default_factory=dict)  # Pad nodes folded into a conv
     # --from: the value the network bound starts at (None: the network input)
     start: str | None = None
+    # with --input-range / --input-radius: the box of every value on that domain
+    boxes: Boxes | None = None
 
 
 Rule = Callable[[Context, Node, list[int]], Outcome]

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..graph import Graph, Node
 from ..report import LayerRow, RowKind
-from . import Context, Outcome, rule, unbounded
+from . import Context, Outcome, local, rule, unbounded
 
 # sup |f'| of element-wise activations (values computed on a fine grid in float64
 # and rounded up in the last digit, so they stay upper bounds).
@@ -353,7 +353,7 @@ def mul(ctx: Context, node: Node, data: list[int]) -> Outcome:
             pos = next(k for k in (0, 1) if node.inputs[k] == x or _unscaled(g, node.inputs[k])[0] == x)
             return Outcome(factors={pos: value, 1 - pos: 0.0}, row=row, sources={pos: x},
                            absorbs=[n.name for n in branch], slopes=PRODUCT_SLOPES.get(name))
-        return unbounded("product of two activations is not globally Lipschitz")
+        return local.product(ctx, node, data, "product of two activations is not globally Lipschitz")
     pos = data[0]
     c = g.const(node.inputs[1 - pos])
     if c is None:
@@ -370,7 +370,7 @@ def div(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if 1 in data:
         found = _rms_denominator(ctx.graph, node.inputs[1], node.inputs[0], node) if 0 in data else None
         if found is None:
-            return unbounded("division by an activation is not globally Lipschitz")
+            return local.quotient(ctx, node, data, "division by an activation is not globally Lipschitz")
         return _normalisation_outcome(ctx, node, 0, found, "LayerNorm" if found[3] else "RMSNorm")
     c = ctx.graph.const(node.inputs[1])
     if c is None:
@@ -466,7 +466,13 @@ def not_lipschitz(ctx: Context, node: Node, data: list[int]) -> Outcome:
             pos = node.inputs.index(x)
             return Outcome(factors={k: (1.0 if k == pos else 0.0) for k in range(3)}, row=row,
                            absorbs=[n.name for n in branch])
+    if node.op in LOCAL_OPS:
+        return local.elementwise(ctx, node, data, UNBOUNDED_OPS[node.op])
     return unbounded(UNBOUNDED_OPS[node.op])
+
+
+# ops with a local constant on a declared input domain (lipcheck.rules.local)
+LOCAL_OPS = {"Exp", "Log", "Sqrt", "Reciprocal", "Pow", "LpNormalization"}
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -573,14 +579,35 @@ def _rms_reciprocal(graph: Graph, value: str, d: str, user: Node) -> NormMatch |
     return x, [*nodes, node], eps, centred
 
 
+def _on_domain(ctx: Context, source: str, axes: tuple[int, ...] | None, centred: bool, eps: float,
+               gamma: float, global_value: float) -> tuple[float, str] | None:
+    """The local constant gamma / sqrt(min var + eps) on the declared domain, with its note,
+    when there is one and it is below the global ``global_value``."""
+    found = local.normalisation(ctx, source, axes, centred, eps)
+    if found is None or not found[0] * gamma < global_value:
+        return None
+    what = "variance" if centred else "mean square"
+    return found[0] * gamma, (f"{local.LOCAL}: max|gamma| / sqrt(min {what} + eps), the smallest {what} of a "
+                              f"normalised group on the box being {found[1]:.4g}")
+
+
 def _normalisation_outcome(ctx: Context, node: Node, pos: int, found: NormMatch, name: str) -> Outcome:
-    x, nodes, eps, _ = found
+    x, nodes, eps, centred = found
     value = 1.0 / math.sqrt(eps)
-    row = _row(ctx, node, RowKind.NORMALIZATION, value, "1/sqrt(eps)", data_in=x,
-               note=f"recognised {name} (eps={eps:g}) without its scale: 1/sqrt(eps), reached only on "
-                    "near-constant inputs (loose)")
+    method = "1/sqrt(eps)"
+    note = (f"recognised {name} (eps={eps:g}) without its scale: 1/sqrt(eps), reached only on "
+            "near-constant inputs (loose)")
+    shape = ctx.graph.shape(x)
+    mean = next((n for n in nodes if n.op == "ReduceMean" and n.inputs[0] not in (x,)), None)
+    axes = _axes(ctx.graph, mean, len(shape)) if mean is not None and shape is not None else None
+    tighter = _on_domain(ctx, x, axes, centred, eps, 1.0, value)
+    if tighter is not None:
+        value, note = tighter[0], f"recognised {name} (eps={eps:g}) without its scale; {tighter[1]}"
+        method = "1/sqrt(min var + eps)"
+    row = _row(ctx, node, RowKind.NORMALIZATION, value, method, data_in=x, note=note)
     factors = {k: (value if k == pos else 0.0) for k in range(len(node.inputs))}
-    return Outcome(factors=factors, row=row, sources={pos: x}, absorbs=[n.name for n in nodes])
+    return Outcome(factors=factors, row=row, sources={pos: x}, absorbs=[n.name for n in nodes],
+                   local=tighter is not None)
 
 
 @rule("LayerNormalization", "RMSNormalization", "GroupNormalization", "InstanceNormalization")
@@ -601,5 +628,14 @@ def normalization(ctx: Context, node: Node, data: list[int]) -> Outcome:
     gamma = float(np.abs(scale.astype(np.float64)).max()) if scale.size else 0.0
     # eps is stored as a float32 attribute: the runtime adds that float32 value
     value = gamma / math.sqrt(float(np.float32(eps)))
+    shape = ctx.graph.shape(node.inputs[0])
+    tighter = None
+    if node.op in ("LayerNormalization", "RMSNormalization") and shape is not None:
+        axis = int(node.attrs.get("axis", -1)) % len(shape)
+        tighter = _on_domain(ctx, node.inputs[0], tuple(range(axis, len(shape))),
+                             node.op == "LayerNormalization", float(np.float32(eps)), gamma, value)
+    if tighter is not None:
+        row = _row(ctx, node, RowKind.NORMALIZATION, tighter[0], "max|gamma|/sqrt(min var + eps)", note=tighter[1])
+        return Outcome(factors={0: tighter[0]}, row=row, local=True)
     row = _row(ctx, node, RowKind.NORMALIZATION, value, "max|gamma|/sqrt(eps)", note=LOOSE)
     return Outcome(factors={0: value}, row=row)

@@ -89,9 +89,10 @@ def _broadcast(ctx: Context, inp: str, out: str) -> float:
 @rule("MatMul")
 def matmul(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if len(data) == 2:
-        return unbounded(
-            "MatMul of two activations (e.g. attention scores) is not globally Lipschitz"
-        )
+        from . import local
+
+        return local.matmul(ctx, node, data,
+                            "MatMul of two activations (e.g. attention scores) is not globally Lipschitz")
     g = ctx.graph
     pos = data[0]
     w = g.const(node.inputs[1 - pos])
