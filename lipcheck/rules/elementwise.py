@@ -112,6 +112,10 @@ def _row(ctx: Context, node: Node, kind: RowKind, value: float, method: str, not
 def activation(ctx: Context, node: Node, data: list[int]) -> Outcome:
     if data != [0]:
         return unbounded(f"{node.op} parameter depends on the input")
+    if node.op == "Softmax":
+        on_domain = local.softmax(ctx, node)
+        if on_domain is not None:
+            return on_domain
     value = ACTIVATION_FACTS[node.op].constant(node.attrs, node, ctx.graph)
     if value is None:
         why = "not continuous (a jump)" if node.op in ("Sign", "ThresholdedRelu") else \

@@ -116,8 +116,8 @@ def matmul(ctx: Context, node: Node, data: list[int], reason: str) -> Outcome:
         return unbounded(f"{reason}; a 1-D operand has no local rule")
     batch = np.broadcast_shapes(a[0].shape[:-2], b[0].shape[:-2])
     # |A_j|_2 and |B_j|_2 of every batch entry, over the output's batch shape
-    norm_a = np.broadcast_to(matrix_norm_bound(mag(a)), batch)
-    norm_b = np.broadcast_to(matrix_norm_bound(mag(b)), batch)
+    norm_a = np.broadcast_to(_operand_norm(ctx, node.inputs[0], a), batch)
+    norm_b = np.broadcast_to(_operand_norm(ctx, node.inputs[1], b), batch)
     factors = {}
     if 0 in data:
         factors[0] = product_factor(norm_b, a[0].shape[:-2], batch)
@@ -128,6 +128,43 @@ def matmul(ctx: Context, node: Node, data: list[int], reason: str) -> Outcome:
                f"d(AB) = dA B + A dB with |B|_2, |A|_2 bounded by min(Frobenius, Schur) of their "
                f"largest magnitudes: {text}, summed")
     return Outcome(factors=factors, row=row, local=True)
+
+
+def _operand_norm(ctx: Context, value: str, box: Box) -> np.ndarray:
+    """Bounds on |M_j|_2 for the matrices M_j of ``value`` in ``box``: min(Frobenius, Schur)
+    of their largest magnitudes; for a softmax over the last axis (attention probabilities),
+    whose rows sum to 1 exactly, sqrt(max column sum), from |M|_2^2 <= |M|_1 |M|_inf."""
+    m = mag(box)
+    bound = matrix_norm_bound(m)
+    if softmax_rows(ctx, value):
+        bound = np.minimum(bound, np.sqrt(m.sum(axis=-2).max(axis=-1)) * (1 + 1e-12))
+    return bound
+
+
+def softmax_rows(ctx: Context, value: str) -> bool:
+    """``value`` is a Softmax over its last axis (opset 13 on: that axis alone)."""
+    node = ctx.graph.producer.get(value)
+    shape = ctx.graph.shape(value)
+    if node is None or node.op != "Softmax" or node.domain or shape is None or ctx.graph.opset < 13:
+        return False
+    return int(node.attrs.get("axis", -1)) % len(shape) == len(shape) - 1
+
+
+def softmax(ctx: Context, node: Node) -> Outcome | None:
+    """Softmax on the domain: its Jacobian diag(p) - p p^T is symmetric positive semidefinite
+    with v^T J v = Var_p(v) <= sum_i p_i v_i^2 <= max_i p_i for a unit v, and <= 1/2 by
+    Popoviciu's inequality (a variable with values in [min v, max v], max v - min v <= sqrt(2),
+    has variance at most 2/4); so |J| <= min(1/2, max p), the largest probability taken from
+    the output's box. None without a domain, a box or an axis known to be one."""
+    if ctx.boxes is None or not softmax_rows(ctx, node.outputs[0]):
+        return None
+    box = ctx.boxes.get(node.outputs[0])
+    if box is None:
+        return None
+    value = min(0.5, float(box[1].max())) * (1 + 1e-12)
+    row = _row(ctx, node, value, "min(1/2, max p) on the box",
+               "|diag(p) - p p^T| <= min(1/2, max p) (Popoviciu)", RowKind.ACTIVATION)
+    return Outcome(factors={0: value}, row=row, local=True)
 
 
 def _slope(node: Node, box: Box, ctx: Context) -> tuple[float, str] | str:
@@ -184,10 +221,13 @@ def elementwise(ctx: Context, node: Node, data: list[int], reason: str) -> Outco
         return Outcome(factors={0: value}, local=True,
                        row=_row(ctx, node, value, "1/min |x|", "d(x/|x|) = (I - u u^T)/|x|",
                                     RowKind.NORMALIZATION))
-    found = _slope(node, box, ctx)
+    with np.errstate(over="ignore"):
+        found = _slope(node, box, ctx)
     if isinstance(found, str):
         return unbounded(f"{reason}; on the input domain: {found}")
     value, how = found
+    if not math.isfinite(value):
+        return unbounded(f"{reason}; on the input domain: interval overflow at {node.name} (its slope)")
     return Outcome(factors={0: value}, local=True, row=_row(ctx, node, value, how, f"sup |f'| on the box: {how}",
                                                                   RowKind.ACTIVATION))
 
