@@ -526,9 +526,30 @@ def _bad(box: Box) -> str | None:
     return None
 
 
+# ops whose rules can use a box (lipcheck.rules.local): the boxes of their inputs and outputs
+# are kept, the others dropped once their last reader has run
+USERS = frozenset({"Mul", "Div", "MatMul", "Softmax", "Exp", "Log", "Sqrt", "Reciprocal", "Pow",
+                   "LpNormalization", "LayerNormalization", "RMSNormalization",
+                   "ReduceMean"})  # a decomposed LayerNorm's source is read by its ReduceMean
+
+
 def propagate(graph: Graph, domain: Domain) -> Boxes:
-    """A box for every value the graph computes from its data inputs on ``domain``."""
+    """A box for every value the graph computes from its data inputs on ``domain`` that a
+    rule may read (the inputs and outputs of ``USERS``; nothing is propagated when the graph
+    has none of them)."""
     boxes = Boxes(domain)
+    keep = {v for n in graph.nodes if n.op in USERS and not n.domain for v in (*n.inputs, *n.outputs) if v}
+    if not keep:
+        return boxes
+    last_reader: dict[str, int] = {}
+    for i, n in enumerate(graph.nodes):
+        for v in n.inputs:
+            if v:
+                last_reader[v] = i
+    dies: dict[int, list[str]] = {}
+    for v, i in last_reader.items():
+        if v not in keep and v not in graph.outputs:
+            dies.setdefault(i, []).append(v)
     shapes = {}
     for name in graph.inputs:
         shape = graph.known_shape(name)
@@ -539,7 +560,9 @@ def propagate(graph: Graph, domain: Domain) -> Boxes:
     for name, shape in shapes.items():
         boxes.values[name] = domain.box(shape)
     ball_inputs = set(graph.inputs) if domain.radius is not None and len(graph.inputs) == 1 else set()
-    for node in graph.nodes:
+    for i, node in enumerate(graph.nodes):
+        for v in dies.get(i - 1, ()):  # free what no later node reads and no rule needs (memory)
+            boxes.values.pop(v, None)
         data = [k for k, v in enumerate(node.inputs) if v and v not in graph.static]
         if not data or all(o in graph.static for o in node.outputs if o):
             continue

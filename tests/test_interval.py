@@ -81,6 +81,11 @@ class Attention(nn.Module):
         return self.o((p @ v).transpose(1, 2).reshape(b, t, d))
 
 
+class Exp(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+
 class ExpChain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(torch.exp(torch.exp(x)))
@@ -220,7 +225,7 @@ def test_ball_tightens_the_first_layer() -> None:
     no wider than interval arithmetic's on the ball's bounding box, and holding points of
     the sphere."""
     torch.manual_seed(3)
-    lin = nn.Sequential(nn.Linear(10, 4), nn.Tanh()).eval()
+    lin = nn.Sequential(nn.Linear(10, 4), Exp()).eval()  # exp: an op whose rule reads boxes
     model = _onnx(lin, (1, 10))
     graph = build_graph(model, (1, 10))
     ball = propagate(graph, Domain(None, 0.5))
@@ -338,6 +343,9 @@ def test_a_domain_no_op_needs_leaves_the_bound_global() -> None:
     assert ranged.network.domain is None
     assert ranged.network.lipschitz_bound == plain.network.lipschitz_bound
     assert "global: no op needed the declared input domain" in ranged.network.reason
+    # and no box was computed: no rule would read one
+    graph = build_graph(_onnx(mlp, (1, 4)), (1, 4))
+    assert propagate(graph, Domain(((0.0, 1.0),), None)).values == {}
 
 
 def test_overflow_is_named_never_a_number() -> None:
