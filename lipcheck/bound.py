@@ -134,9 +134,13 @@ def compose(graph: Graph, ctx: Context, progress: ProgressFn | None = None) -> C
         result.network.reason += f" (from {ctx.start}: what comes before it held fixed)"
     if result.network.bounded and (folded or merged or chained):
         result.network.composition = "+".join(
-            label for used, label in ((folded, "folded"), (merged, "merged"), (chained, "eclipse-fast")) if used)
+            label for used, label in ((folded, "folded"), (merged, "merged"),
+                                      (chained, "eclipse" if "eclipse" in chained else "eclipse-fast")) if used)
         if chained:
-            result.network.reason += f" (ECLipsE-Fast on {chained} Linear/activation chain(s))"
+            optimised = chained.count("eclipse")
+            result.network.reason += (f" (ECLipsE on {len(chained)} Linear/activation chain(s): {optimised} with "
+                                      f"optimised per-neuron multipliers, {len(chained) - optimised} with "
+                                      f"ECLipsE-Fast's)")
         if folded:
             result.network.reason += f" (BatchNorm/per-channel scales folded into {len(folded)} linear op(s))"
         if merged:
