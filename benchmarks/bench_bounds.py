@@ -3,7 +3,7 @@ lipcheck's certified bound (ECLipsE chains: per-neuron multipliers optimised fro
 ECLipsE-Fast's), LipSDP-Neuron (Fazlyab et al. 2019, solved with cvxpy where it is installed
 and the problem is small enough), and the ``--empirical`` lower bound (a real Jacobian's
 norm), with the time of each. The MLPs are trained here, seeded, on a synthetic task (no
-dataset download): 32-64-64-10 and an MNIST-sized 784-256-256-10.
+dataset download): 32-64-64-10 and MNIST-sized 784-64-64-10 and 784-256-256-10.
 
 LipSDP is run only up to --lipsdp-max-neurons hidden neurons (its SDP grows as their square;
 the 128-neuron one took about 5 minutes with Clarabel on 2 cores).
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(True)  # training and the lower bound's Jacobians
     t_run = time.perf_counter()
     models = [("mlp-32-64-64-10", trained_mlp([32, 64, 64, 10], 0, 300), 32),
+              ("mlp-784-64-64-10", trained_mlp([784, 64, 64, 10], 2, 200), 784),
               ("mlp-784-256-256-10", trained_mlp([784, 256, 256, 10], 1, 200), 784)]
     sections = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -410,7 +410,14 @@ def lipsdp_neuron(weights: list[Any]) -> float:
     import cvxpy as cp
     import numpy as np
 
-    ws = weights
+    ws = list(weights)
+    if ws[0].shape[1] > ws[0].shape[0]:
+        # f(x) = g(Q^T x) with Q an orthonormal basis of W_0's row space (W_0 = (W_0 Q) Q^T):
+        # Q^T maps the unit ball onto the unit ball, so f and g have the same constant, and the
+        # LMI's input block shrinks from the input width to the first layer's (784 -> 64 on an
+        # MNIST MLP: the solve drops from many minutes to seconds)
+        q, _ = np.linalg.qr(ws[0].T)
+        ws[0] = ws[0] @ q
     d0, hid = ws[0].shape[1], [w.shape[0] for w in ws[:-1]]
     n, big = sum(hid), ws[0].shape[1] + sum(hid)
     a_mat, b_mat = np.zeros((n, big)), np.zeros((n, big))

@@ -445,6 +445,7 @@ PROB_CHECK = 8  # steps between Ritz checks
 BREAKDOWN = 1e-8  # a residual this small against the step's projection: the Krylov space closed
 FUSED_BLOCK_BYTES = 1 << 20  # rows of W per block of the fused WᵀW x on a CPU (cache-sized)
 FUSED_MIN_BYTES = 1 << 24  # below this W stays in cache anyway: two plain products
+BLOCK_FUSED_BYTES = 1 << 21  # rows (or columns) of W per block of the block run's fused product
 # auto: the exact certificate (Gram m n² + Cholesky n³/3, BLAS-3) is chosen while it costs
 # less than the Krylov run (2 m n flops per step, memory-bound): measured on 2 CPU cores, a
 # float64 matrix-vector flop costs about this many BLAS-3 flops (1.3 s for 100 Lanczos
@@ -656,10 +657,24 @@ def _block_krylov_one(w: torch.Tensor, settings: Settings, delta: float,
     n = w.shape[1] if tall else w.shape[0]
     width = min(width, n)
 
+    fused = w.device.type == "cpu" and w.numel() * 8 > FUSED_MIN_BYTES
+    chunk = max(1, BLOCK_FUSED_BYTES // (8 * (w.shape[1] if tall else w.shape[0])))
+
     def op(x: torch.Tensor) -> torch.Tensor:
-        """A x for the rows of x (A = WᵀW or WWᵀ, the smaller side), W read in row-major order
-        (with a block of rows, BLAS-3 products: no cache-sized fusing as the vector run does)."""
-        return (x @ w.T) @ w if tall else (x @ w) @ w.T
+        """A x for the rows of x (A = WᵀW or WWᵀ, the smaller side). On a CPU, for a W larger
+        than the cache: Σ_i (x W_iᵀ) W_i over blocks W_i of rows (WᵀW) or columns (WWᵀ) of
+        about BLOCK_FUSED_BYTES, each block used twice while in cache."""
+        if not fused:
+            return (x @ w.T) @ w if tall else (x @ w) @ w.T
+        z = torch.zeros_like(x)
+        for i in range(0, w.shape[0] if tall else w.shape[1], chunk):
+            if tall:
+                part = w[i : i + chunk]
+                z.addmm_(x @ part.T, part)
+            else:
+                part = w[:, i : i + chunk]
+                z.addmm_(x @ part, part.T)
+        return z
 
     # independent uniform starts: normalised rows of one seeded Gaussian draw (float64)
     gen0 = torch.Generator().manual_seed(settings.seed)
@@ -692,7 +707,7 @@ def _block_krylov_one(w: torch.Tensor, settings: Settings, delta: float,
         k += 1
         # the next block: the remainder's orthonormal basis; R couples it to this block
         q, r = torch.linalg.qr(z.T)
-        if k >= want or k >= cap_blocks or k % 4 == 0:  # Ritz checks: not before the bound can hold
+        if k >= want or k >= cap_blocks:  # Ritz checks: none before the bound can hold (no stop there)
             evals, vecs = torch.linalg.eigh(proj[:hi, :hi])
             theta = max(float(evals[-1]), 0.0)
             evecs = vecs
