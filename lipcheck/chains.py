@@ -369,23 +369,31 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
                 nodes.append(nxt)
                 end = nxt
                 last_linear = len(nodes)
-                nxt = only_consumer(g, end.outputs[0])
+            # constant scalings before the activation fold into the last weight's rows, those
+            # after it into the next weight's columns (exact: the same function)
+            pre, c_pre, value = _scalings(g, end.outputs[0], weights[-1].shape[0])
+            nxt = only_consumer(g, value)
             absorbed: list[str] = []
-            if nxt is None:  # x * g(x) (SiLU, Mish): x feeds the product and the branch g
-                nxt, absorbed = _product_activation(g, outcome_of, by_name, end.outputs[0])
+            if nxt is None:  # x * g(x) (SiLU, Mish, GELU): x feeds the product and the branch g
+                nxt, absorbed = _product_activation(g, outcome_of, by_name, value)
             if nxt is None or outcome_of.get(nxt.name) is None or outcome_of[nxt.name].unbounded is not None:
                 break
             slope = outcome_of[nxt.name].slopes if absorbed else slope_range(nxt)
             if slope is None or (not absorbed and data_inputs(g, nxt) != [0]):
                 break
-            lin = only_consumer(g, nxt.outputs[0])
+            post, c_post, value = _scalings(g, nxt.outputs[0], weights[-1].shape[0])
+            lin = only_consumer(g, value)
             w_next = linear_weight(ctx, lin, data_inputs(g, lin)) if lin is not None else None
             if lin is None or w_next is None or w_next.shape[1] != weights[-1].shape[0] \
-                    or outcome_of.get(lin.name) is None or outcome_of[lin.name].unbounded is not None:
+                    or outcome_of.get(lin.name) is None or outcome_of[lin.name].unbounded is not None \
+                    or any(outcome_of.get(n.name) is None or outcome_of[n.name].unbounded is not None
+                           for n in pre + post):
                 break
-            nodes += [nxt, lin]
+            nodes += [*pre, nxt, *post, lin]
             used.update(absorbed)
-            weights.append(w_next)
+            if pre:
+                weights[-1] = c_pre[:, None] * weights[-1]
+            weights.append(c_post[None, :] * w_next if post else w_next)
             slopes.append(slope)
             end = lin
             last_linear = len(nodes)
@@ -396,6 +404,35 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
     return chains
 
 
+def _scalings(graph: Graph, value: str, width: int) -> tuple[list[Node], np.ndarray, str]:
+    """The Mul/Div nodes by constants (one number, or one per feature on the last axis) that
+    follow ``value``, each the only reader of the one before: (the nodes, the product of their
+    factors per feature as a float64 vector of ``width``, the value after them)."""
+    nodes: list[Node] = []
+    scale = np.ones(width)
+    while True:
+        node = only_consumer(graph, value)
+        if node is None or node.op not in ("Mul", "Div") or node.domain or len(node.inputs) != 2 \
+                or data_inputs(graph, node) != [node.inputs.index(value)] \
+                or (node.op == "Div" and node.inputs[0] != value) \
+                or graph.known_shape(value) is None or graph.known_shape(value) != graph.known_shape(node.outputs[0]):
+            return nodes, scale, value
+        c = graph.const(node.inputs[1] if node.inputs[0] == value else node.inputs[0])
+        if c is None or not np.issubdtype(c.dtype, np.floating) or not (
+                c.size == 1 or (c.shape[-1] == width and c.size == width)):
+            return nodes, scale, value
+        factor = np.asarray(c, dtype=np.float64).reshape(-1)
+        if node.op == "Div":
+            if not np.all(factor != 0):
+                return nodes, scale, value
+            factor = 1.0 / factor
+        if not np.all(np.isfinite(factor)):
+            return nodes, scale, value
+        scale = scale * factor
+        nodes.append(node)
+        value = node.outputs[0]
+
+
 def _product_activation(graph: Graph, outcome_of: dict[str, Outcome], by_name: dict[str, Node],
                         value: str) -> tuple[Node | None, list[str]]:
     """The op of a recognised x * g(x) activation of ``value`` when every reader of ``value`` is
@@ -404,7 +441,11 @@ def _product_activation(graph: Graph, outcome_of: dict[str, Outcome], by_name: d
     users = graph.consumers.get(value, [])
     if value in graph.outputs:
         return None, []
-    for node in users:
+    # the op may read value itself (x * sigmoid(x)) or a scaled copy from its branch
+    # (0.5 x * (1 + tanh(...))): the candidates are the readers and their readers
+    candidates = list({n.name: n for n in [*users, *(c for u in users for o in u.outputs if o
+                                                     for c in graph.consumers.get(o, []))]}.values())
+    for node in candidates:
         out = outcome_of.get(node.name)
         if out is None or out.slopes is None or value not in out.sources.values():
             continue

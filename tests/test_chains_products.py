@@ -70,3 +70,93 @@ def test_product_slope_ranges_hold_and_are_tight(name: str) -> None:
     for q in (quotients, far):
         assert lo <= float(q.min()) and float(q.max()) <= hi
     assert float(quotients.min()) <= lo * (1 - 1e-3) and float(quotients.max()) >= hi * (1 - 1e-3)
+
+
+class NewGELU(nn.Module):
+    """GPT-2's hand-written tanh GELU (Hugging Face ``NewGELUActivation``): 0.5 x (1 +
+    tanh(sqrt(2/pi) (x + 0.044715 x^3))), exported with Pow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTS = {
+    "gelu-erf": lambda: nn.GELU(),
+    "gelu-tanh": lambda: nn.GELU(approximate="tanh"),
+    "gpt2-newgelu": NewGELU,
+    "elu": lambda: nn.ELU(0.7),
+    "softplus": lambda: nn.Softplus(),
+    "selu": lambda: nn.SELU(),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTS))
+def test_every_exporter_gives_the_same_chain(tmp_path: Path, name: str) -> None:
+    """The legacy exporter writes GELU as Div/Erf/Add/Mul/Mul(0.5) or Mul/Mul/Mul/Add/Mul/Tanh/
+    Add/Mul/Mul(0.5), the dynamo exporter Softplus as Where(Greater(x, 20), x, Softplus(x)): each
+    is recognised with its slope range and the scale after it folded into the next weight, so
+    both files get the same ECLipsE chain bound, which lies between a real Jacobian's norm and
+    the product of the layers' constants."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(6, 16), ACTS[name](), nn.Linear(16, 16), ACTS[name](), nn.Linear(16, 3)).eval()
+    bounds = []
+    for dynamo in (False, True):
+        path = tmp_path / f"m{int(dynamo)}.onnx"
+        torch.onnx.export(model, (torch.zeros(1, 6),), str(path), dynamo=dynamo,
+                          **({} if dynamo else {"opset_version": 17}))
+        rep = lipcheck.analyze(path)
+        assert rep.network.composition is not None and "eclipse" in rep.network.composition, rep.network.reason
+        bounds.append(rep.network.lipschitz_bound)
+    assert bounds[0] == pytest.approx(bounds[1], rel=1e-9)
+    rows = {r.op: r.lipschitz for r in rep.layers if r.kind == "activation"}
+    ws = [m.weight for m in model if isinstance(m, nn.Linear)]
+    product = _sigma(ws[0]) * _sigma(ws[1]) * _sigma(ws[2]) * max(rows.values()) ** 2
+    assert bounds[0] < product
+    f = model.double()
+    lower = max(float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(
+        f, torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(s))), 2)) for s in range(30))
+    assert lower <= bounds[0]
+
+
+def test_tanh_gelu_inside_the_erf_forms_slopes() -> None:
+    """The tanh form's difference quotients lie in [GELU_MIN_SLOPE, GELU_LIP], the range the
+    recogniser gives it (float64 grid and far pairs)."""
+    from lipcheck.rules.elementwise import GELU_LIP, GELU_MIN_SLOPE
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x, approximate="tanh")
+
+    x = torch.linspace(-30, 30, 600001, dtype=torch.float64)
+    y = fn(x)
+    quotients = (y[1:] - y[:-1]) / (x[1:] - x[:-1])
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200000, generator=g, dtype=torch.float64) * 6
+    b = torch.randn(200000, generator=g, dtype=torch.float64) * 6
+    for q in (quotients, (fn(a) - fn(b)) / (a - b)):
+        assert GELU_MIN_SLOPE <= float(q.min()) and float(q.max()) <= GELU_LIP
+
+
+def test_scalings_between_layers_fold_into_the_weights(tmp_path: Path) -> None:
+    """Linear -> x 3 -> ReLU -> x c (one per feature) -> Linear: the chain is ECLipsE of
+    [3 W1, W2 diag(c)], the same function's weights."""
+    from lipcheck.chains import eclipse
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 2)
+            self.register_buffer("c", torch.linspace(-2.0, 3.0, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x) * 3.0) * self.c)
+
+    torch.manual_seed(2)
+    model = Scaled().eval()
+    path = tmp_path / "s.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 5),), str(path), dynamo=False, opset_version=17)
+    rep = lipcheck.analyze(path)
+    w1 = 3.0 * model.a.weight.detach().double().numpy()
+    w2 = model.b.weight.detach().double().numpy() * model.c.double().numpy()[None, :]
+    expected = eclipse([w1, w2], [(0.0, 1.0)])
+    assert expected is not None and rep.network.composition is not None and "eclipse" in rep.network.composition
+    assert rep.network.lipschitz_bound == pytest.approx(expected[0], rel=1e-9)

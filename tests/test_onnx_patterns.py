@@ -85,7 +85,8 @@ def test_several_valued_constant_is_not_a_gelu(tmp_path: Path) -> None:
 @pytest.mark.parametrize("beta", [1.0, pytest.param(2.0, marks=pytest.mark.e2e)])  # another beta: e2e
 def test_dynamo_softplus_is_one_activation(beta: float, tmp_path: Path) -> None:
     """torch's dynamo exporter writes Softplus as Where(Greater(beta x, 20), x,
-    Softplus(beta x) / beta): recognised, constant 1, like the legacy Softplus node."""
+    Softplus(beta x) / beta): recognised, constant 1 and slopes [0, 1], like the legacy
+    Softplus node."""
     import warnings
 
     from torch import nn
@@ -100,7 +101,9 @@ def test_dynamo_softplus_is_one_activation(beta: float, tmp_path: Path) -> None:
     report = lipcheck.analyze(path)
     assert report.network.bounded, report.network.reason
     norms = [float(torch.linalg.matrix_norm(m.weight.detach().double(), 2)) for m in (model[0], model[2])]
-    assert report.network.lipschitz_bound == pytest.approx(norms[0] * norms[1], rel=1e-5)
+    # slopes in [0, 1]: an ECLipsE chain, at most the product of the norms
+    assert report.network.composition == "eclipse", report.network.reason
+    assert report.network.lipschitz_bound <= norms[0] * norms[1] * (1 + 1e-5)
     for seed in range(6):
         x = torch.randn(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
         jac = torch.autograd.functional.jacobian(lambda v: model.double()(v), x)

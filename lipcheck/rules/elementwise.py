@@ -51,6 +51,36 @@ def _leaky_slopes(attrs: dict[str, Any]) -> tuple[float, float]:
     return min(alpha, 1.0), max(alpha, 1.0)
 
 
+def _elu_slopes(attrs: dict[str, Any]) -> tuple[float, float]:
+    """ELU: 1 for x > 0, alpha e^x (between 0 and alpha) below."""
+    alpha = float(attrs.get("alpha", 1.0))
+    return min(0.0, alpha), max(1.0, alpha)
+
+
+def _celu_slopes(attrs: dict[str, Any]) -> tuple[float, float] | None:
+    """CELU: 1 for x > 0, e^(x / alpha) in (0, 1] below (alpha > 0)."""
+    return (0.0, 1.0) if float(attrs.get("alpha", 1.0)) > 0 else None
+
+
+def _selu_slopes(attrs: dict[str, Any]) -> tuple[float, float] | None:
+    """SELU: gamma for x > 0, gamma alpha e^x below."""
+    gamma, alpha = float(attrs.get("gamma", SELU_GAMMA)), float(attrs.get("alpha", SELU_ALPHA))
+    ends = (0.0, gamma, gamma * alpha)
+    return min(ends), max(ends)
+
+
+def _hardsigmoid_slopes(attrs: dict[str, Any]) -> tuple[float, float]:
+    """max(0, min(1, alpha x + beta)): slope alpha on the ramp, 0 outside it."""
+    alpha = float(attrs.get("alpha", 0.2))
+    return min(0.0, alpha), max(0.0, alpha)
+
+
+def _swish_slopes(attrs: dict[str, Any]) -> tuple[float, float] | None:
+    """x sigmoid(alpha x) at alpha = +-1: the SiLU's range (x sigmoid(-x) has the derivative
+    SiLU'(-x))."""
+    return PRODUCT_SLOPES["SiLU"] if abs(float(attrs.get("alpha", 1.0))) == 1.0 else None
+
+
 def _swish(attrs: dict[str, Any], node: Node, graph: Graph) -> float | None:
     return SILU_LIP if abs(float(attrs.get("alpha", 1.0))) == 1.0 else None
 
@@ -66,24 +96,25 @@ ACTIVATION_FACTS: dict[str, Activation] = {
     "Relu": Activation(_const(1.0), _slopes(0.0, 1.0)),
     "Tanh": Activation(_const(1.0), _slopes(0.0, 1.0)),
     "Softplus": Activation(_const(1.0), _slopes(0.0, 1.0)),
-    "Softsign": Activation(_const(1.0)),
+    "Softsign": Activation(_const(1.0), _slopes(0.0, 1.0)),
     "Abs": Activation(_const(1.0)),
     "Neg": Activation(_const(1.0)),
-    "Celu": Activation(_const(1.0)),
-    "Clip": Activation(_const(1.0)),
+    "Celu": Activation(_const(1.0), _celu_slopes),
+    "Clip": Activation(_const(1.0), _slopes(0.0, 1.0)),
     # Sign and ThresholdedRelu jump (at 0, at alpha): not continuous, so no finite constant.
     "Sign": Activation(_const(None)),
     "ThresholdedRelu": Activation(_const(None)),
     "LeakyRelu": Activation(lambda a, n, g: max(1.0, abs(float(a.get("alpha", 0.01)))), _leaky_slopes),
-    "Elu": Activation(lambda a, n, g: max(1.0, abs(float(a.get("alpha", 1.0))))),
-    "Selu": Activation(lambda a, n, g: float(a.get("gamma", SELU_GAMMA)) * max(1.0, float(a.get("alpha", SELU_ALPHA)))),
-    "Erf": Activation(_const(2 / math.sqrt(math.pi))),
+    "Elu": Activation(lambda a, n, g: max(1.0, abs(float(a.get("alpha", 1.0)))), _elu_slopes),
+    "Selu": Activation(lambda a, n, g: float(a.get("gamma", SELU_GAMMA)) * max(1.0, float(a.get("alpha", SELU_ALPHA))),
+                       _selu_slopes),
+    "Erf": Activation(_const(2 / math.sqrt(math.pi)), _slopes(0.0, 2 / math.sqrt(math.pi))),
     "Sigmoid": Activation(_const(0.25), _slopes(0.0, 0.25)),
-    "HardSigmoid": Activation(lambda a, n, g: abs(float(a.get("alpha", 0.2)))),
+    "HardSigmoid": Activation(lambda a, n, g: abs(float(a.get("alpha", 0.2))), _hardsigmoid_slopes),
     "HardSwish": Activation(_const(1.5), _slopes(-0.5, 1.5)),  # x * hardsigmoid(x): slope 2x/6 + 1/2 on [-3, 3]
     "Gelu": Activation(_const(GELU_LIP), _slopes(GELU_MIN_SLOPE, GELU_LIP)),
     "Mish": Activation(_const(MISH_LIP), _slopes(-0.1126, MISH_LIP)),
-    "Swish": Activation(_swish),
+    "Swish": Activation(_swish, _swish_slopes),
     "PRelu": Activation(_prelu),
     # Softmax is 1/2-Lipschitz in l2 and 1 is the safe choice (DESIGN.md); LogSoftmax =
     # x - logsumexp(x) has Jacobian I - 1 p^T of norm <= 2.
@@ -245,16 +276,16 @@ def _same_source(graph: Graph, value: str, op: str, x: str) -> bool:
     return node is not None and node.op == op and node.inputs[0] == x
 
 
-# (x, the nodes that compute the product from x besides the Mul itself, and the product's
-# Lipschitz constant as a function of x)
-Match = tuple[str, list[Node], float]
+# (x, the nodes that compute the product from x besides the Mul itself, the product's
+# Lipschitz constant as a function of x, and its slope range [min f', max f'] or None)
+Match = tuple[str, list[Node], float, tuple[float, float] | None]
 
 
 def _silu_input(graph: Graph, a: str, b: str) -> Match | None:
     """x * sigmoid(x)."""
     for x, other in ((a, b), (b, a)):
         if _same_source(graph, other, "Sigmoid", x):
-            return x, [graph.producer[other]], SILU_LIP
+            return x, [graph.producer[other]], SILU_LIP, PRODUCT_SLOPES["SiLU"]
     return None
 
 
@@ -263,7 +294,7 @@ def _mish_input(graph: Graph, a: str, b: str) -> Match | None:
     for x, other in ((a, b), (b, a)):
         tanh = graph.producer.get(other)
         if tanh is not None and tanh.op == "Tanh" and _same_source(graph, tanh.inputs[0], "Softplus", x):
-            return x, [graph.producer[tanh.inputs[0]], tanh], MISH_LIP
+            return x, [graph.producer[tanh.inputs[0]], tanh], MISH_LIP, PRODUCT_SLOPES["Mish"]
     return None
 
 
@@ -320,7 +351,57 @@ def _erf_gelu_input(graph: Graph, a: str, b: str) -> Match | None:
                 continue
             inner, c, c_nodes = _unscaled(graph, erf.inputs[0])
             if inner == x and c_nodes and abs(c - 1 / math.sqrt(2)) < 1e-4 and p * q != 0:
-                return x, [*p_nodes, *c_nodes, erf, add, *q_nodes], 2 * abs(p * q) * GELU_LIP
+                scale = 2 * p * q  # the slopes of scale * GELU: scale * [GELU_MIN_SLOPE, GELU_LIP], in order
+                ends = (scale * GELU_MIN_SLOPE, scale * GELU_LIP)
+                return x, [*p_nodes, *c_nodes, erf, add, *q_nodes], abs(scale) * GELU_LIP, (min(ends), max(ends))
+    return None
+
+
+def _cube_of(graph: Graph, value: str) -> tuple[str, list[Node]] | None:
+    """``value`` as x^3: Pow(x, 3), or Mul(x, Mul(x, x)) in either order. (x, the nodes)."""
+    node = graph.producer.get(value)
+    if node is None or node.domain or len(node.inputs) != 2:
+        return None
+    if node.op == "Pow" and _scalar(graph.const(node.inputs[1])) == 3.0:
+        return node.inputs[0], [node]
+    if node.op != "Mul":
+        return None
+    for k in (0, 1):
+        square = graph.producer.get(node.inputs[1 - k])
+        x = node.inputs[k]
+        if square is not None and square.op == "Mul" and not square.domain and list(square.inputs) == [x, x]:
+            return x, [square, node]
+    return None
+
+
+def _tanh_gelu_input(graph: Graph, a: str, b: str) -> Match | None:
+    """(p x) * (q (1 + tanh(c (x + k x^3)))) = 2 p q GELU_tanh(x), with c = sqrt(2 / pi) and
+    k = 0.044715 (torch's legacy export of GELU(approximate="tanh"), also written as
+    c x + c k x^3): sup |GELU_tanh'| = 1.12899 and min -0.128993 lie inside the erf form's
+    GELU_LIP and GELU_MIN_SLOPE."""
+    for left, right in ((a, b), (b, a)):
+        x, p, p_nodes = _unscaled(graph, left)
+        one_tanh, q, q_nodes = _unscaled(graph, right)
+        add = graph.producer.get(one_tanh)
+        if add is None or add.op != "Add" or len(add.inputs) != 2 or p * q == 0:
+            continue
+        for j in (0, 1):
+            tanh = graph.producer.get(add.inputs[j])
+            if _scalar(graph.const(add.inputs[1 - j])) != 1.0 or tanh is None or tanh.op != "Tanh":
+                continue
+            inner, c, c_nodes = _unscaled(graph, tanh.inputs[0])
+            poly = graph.producer.get(inner)
+            if poly is None or poly.op != "Add" or len(poly.inputs) != 2 \
+                    or abs(c - math.sqrt(2 / math.pi)) > 1e-4 * math.sqrt(2 / math.pi):
+                continue
+            for i in (0, 1):
+                cube, k, k_nodes = _unscaled(graph, poly.inputs[1 - i])
+                found = _cube_of(graph, cube)
+                if poly.inputs[i] == x and found is not None and found[0] == x and abs(k - 0.044715) <= 1e-6:
+                    scale = 2 * p * q
+                    ends = (scale * GELU_MIN_SLOPE, scale * GELU_LIP)
+                    branch = [*p_nodes, *found[1], *k_nodes, poly, *c_nodes, tanh, add, *q_nodes]
+                    return x, branch, abs(scale) * GELU_LIP, (min(ends), max(ends))
     return None
 
 
@@ -333,6 +414,7 @@ PRODUCT_ACTIVATIONS = (
     (_silu_input, "SiLU"),
     (_mish_input, "Mish"),
     (_erf_gelu_input, "GELU (erf form)"),
+    (_tanh_gelu_input, "GELU (tanh form)"),
 )
 
 
@@ -349,14 +431,14 @@ def mul(ctx: Context, node: Node, data: list[int]) -> Outcome:
             match = find(g, a, b)
             if match is None:
                 continue
-            x, branch, value = match
+            x, branch, value, slopes = match
             row = _row(ctx, node, RowKind.ACTIVATION, value, "sup |f'|", note=f"recognised {name}", data_in=x)
             # The whole product is bounded through x (the input on x's side, or x itself
             # when that input is a constant times x); the other input adds nothing, and
             # the ops in between are part of this activation rather than layers of their own.
             pos = next(k for k in (0, 1) if node.inputs[k] == x or _unscaled(g, node.inputs[k])[0] == x)
             return Outcome(factors={pos: value, 1 - pos: 0.0}, row=row, sources={pos: x},
-                           absorbs=[n.name for n in branch], slopes=PRODUCT_SLOPES.get(name))
+                           absorbs=[n.name for n in branch], slopes=slopes)
         return local.product(ctx, node, data, "product of two activations is not globally Lipschitz")
     pos = data[0]
     c = g.const(node.inputs[1 - pos])
@@ -468,8 +550,9 @@ def not_lipschitz(ctx: Context, node: Node, data: list[int]) -> Outcome:
                        note=f"recognised {label} as torch's dynamo exporter writes it; its jump of "
                             f"{jump:.2g} at x = {switch:g} is below float32 resolution there")
             pos = node.inputs.index(x)
+            # slopes: sigmoid(beta x) in (0, 1) below the switch, 1 above it
             return Outcome(factors={k: (1.0 if k == pos else 0.0) for k in range(3)}, row=row,
-                           absorbs=[n.name for n in branch])
+                           absorbs=[n.name for n in branch], sources={pos: x}, slopes=(0.0, 1.0))
     if node.op in LOCAL_OPS:
         return local.elementwise(ctx, node, data, UNBOUNDED_OPS[node.op])
     return unbounded(UNBOUNDED_OPS[node.op])
