@@ -62,13 +62,18 @@ def analyze(
     local one there, and the network bound then holds on that domain only
     (``network.domain``).
     """
+    import torch
+
     from .pipeline import make_settings, run_analysis
 
     domain = _domain(input_range, input_radius)
     settings = make_settings(Options(tol, max_iters, seed, device, dtype, method, certify, failure_probability))
-    return run_analysis(source, input_shape, settings, trust=trust, progress=progress,
-                        architecture=architecture, empirical=empirical, per_head=per_head, start=start,
-                        domain=domain).report
+    # adjoints and the chain optimisation use autograd: a caller's inference_mode() is lifted
+    # for the analysis (tensors made inside it could not be recorded)
+    with torch.inference_mode(False):
+        return run_analysis(source, input_shape, settings, trust=trust, progress=progress,
+                            architecture=architecture, empirical=empirical, per_head=per_head, start=start,
+                            domain=domain).report
 
 
 def _domain(input_range: str | Sequence[float] | Sequence[Sequence[float]] | None,
@@ -116,10 +121,13 @@ def normalize(
     Returns a ``NormalizeResult`` (``.ok``, ``.failures``, ``.to_dict()``: exactly the
     ``--report`` JSON). See ``lipcheck normalize --help`` for the options.
     """
+    import torch
+
     from .normalization import normalize as run_normalize
     from .pipeline import make_settings
 
     settings = make_settings(Options(tol, max_iters, seed, device, dtype, method, certify, failure_probability))
-    return run_normalize(source, output, target=target, clip=clip, budget=budget, layers=layers,
-                         exclude=exclude, in_place=in_place, force=force, input_shape=input_shape,
-                         settings=settings, trust=trust, mode=mode, architecture=architecture)
+    with torch.inference_mode(False):  # as in analyze
+        return run_normalize(source, output, target=target, clip=clip, budget=budget, layers=layers,
+                             exclude=exclude, in_place=in_place, force=force, input_shape=input_shape,
+                             settings=settings, trust=trust, mode=mode, architecture=architecture)

@@ -244,16 +244,18 @@ def optimise_multipliers(weights: Sequence[np.ndarray], slopes: Sequence[tuple[f
     """Per-neuron multipliers (ECLipsE's diagonal Lambda_i, here chosen by Adam on log L^2
     through the whole recursion, from ``start``): the best point seen and the steps taken. A
     step into a region where the recursion breaks down is undone and the rate halved."""
-    prep = _prepare(weights, slopes)
-    assert prep is not None
-    ws, gram = prep
-    thetas = [torch.tensor(np.log(s), dtype=torch.float64, requires_grad=True) for s in start]
-    opt = torch.optim.Adam(thetas, lr=LEARNING_RATE)
     best_value, best = math.inf, [np.asarray(s, dtype=np.float64) for s in start]
     history: list[float] = []
-    saved = [t.detach().clone() for t in thetas]
     taken = 0
-    with torch.enable_grad():
+    # autograd even when the caller runs lipcheck under torch.no_grad() or inference_mode():
+    # every tensor of the optimisation is made inside this block
+    with torch.inference_mode(False), torch.enable_grad():
+        prep = _prepare(weights, slopes)
+        assert prep is not None
+        ws, gram = prep
+        thetas = [torch.tensor(np.log(s), dtype=torch.float64, requires_grad=True) for s in start]
+        opt = torch.optim.Adam(thetas, lr=LEARNING_RATE)
+        saved = [t.detach().clone() for t in thetas]
         while taken < steps:
             taken += 1
             opt.zero_grad()
@@ -291,7 +293,10 @@ def eclipse(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, float]]
     if steps < MIN_STEPS:
         return fast, f"ECLipsE-Fast (per-neuron multipliers not tried: over {MIN_STEPS} steps would cost more " \
                      f"than {OPT_FLOPS:.0e} flops)"
-    best, taken = optimise_multipliers(weights, slopes, mults, steps)
+    try:
+        best, taken = optimise_multipliers(weights, slopes, mults, steps)
+    except (RuntimeError, torch.linalg.LinAlgError) as exc:  # an optional tightening never ends the run
+        return fast, f"ECLipsE-Fast (the per-neuron optimisation failed: {exc})"
     value = certify(weights, slopes, best)
     if value is None or not value < fast:
         return fast, "ECLipsE-Fast"

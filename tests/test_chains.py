@@ -137,3 +137,20 @@ def test_optimisation_skipped_over_the_flop_budget(monkeypatch: pytest.MonkeyPat
     found = eclipse(ws, [(0.0, 1.0)] * 2)
     assert found is not None and found[1].startswith("ECLipsE-Fast (per-neuron multipliers not tried")
     assert found[0] == eclipse_fast(ws, [(0.0, 1.0)] * 2)
+
+
+@pytest.mark.parametrize("sample", ["mlp.onnx", "cnn.onnx"])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_same_report_under_a_callers_grad_mode(sample: str, mode: str) -> None:
+    """analyze() called inside torch.inference_mode() or torch.no_grad() (as an evaluation
+    script would): the chain optimisation and the autograd adjoints still run, and the report
+    is the one made outside."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "samples" / sample
+    outside = lipcheck.analyze(path).to_dict()
+    with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+        inside = lipcheck.analyze(path).to_dict()
+    for doc in (outside, inside):
+        doc.pop("meta", None)
+    assert inside == outside
