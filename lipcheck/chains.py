@@ -60,8 +60,9 @@ GUARD = 1e-5
 MAX_WIDTH = 1024
 MAX_HALVINGS = 40
 # Per-neuron multipliers: Adam on log Lambda, as many steps as this many flops allow (so the
-# result does not depend on the machine's speed; about 1 s on 2 CPU cores), at most MAX_STEPS,
-# stopping early once STALL steps gain less than a relative 1e-4.
+# result does not depend on the machine's speed; about 1 s on 2 CPU cores for the whole
+# network, shared by its chains), at most MAX_STEPS, stopping early once STALL steps gain less
+# than a relative 1e-4.
 OPT_FLOPS = 3e10
 MAX_STEPS = 300
 MIN_STEPS = 20
@@ -278,10 +279,13 @@ def optimise_multipliers(weights: Sequence[np.ndarray], slopes: Sequence[tuple[f
     return best, taken
 
 
-def eclipse(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, float]]) -> tuple[float, str] | None:
+def eclipse(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, float]],
+            budget: float | None = None) -> tuple[float, str] | None:
     """The chain's certified bound and how it was found: ECLipsE-Fast's closed-form multipliers,
-    then per-neuron multipliers optimised from them where the flop budget allows MIN_STEPS
-    steps; the smaller certified value. None when even ECLipsE-Fast breaks down."""
+    then per-neuron multipliers optimised from them where ``budget`` flops (OPT_FLOPS by
+    default) allow MIN_STEPS steps; the smaller certified value. None when even ECLipsE-Fast
+    breaks down."""
+    budget = OPT_FLOPS if budget is None else budget
     prep = _prepare(weights, slopes)
     if prep is None:
         return None
@@ -289,10 +293,10 @@ def eclipse(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, float]]
     fast = None if mults is None else certify(weights, slopes, mults)
     if fast is None or mults is None:
         return None
-    steps = min(MAX_STEPS, int(OPT_FLOPS / max(_step_flops(weights), 1.0)))
+    steps = min(MAX_STEPS, int(budget / max(_step_flops(weights), 1.0)))
     if steps < MIN_STEPS:
-        return fast, f"ECLipsE-Fast (per-neuron multipliers not tried: over {MIN_STEPS} steps would cost more " \
-                     f"than {OPT_FLOPS:.0e} flops)"
+        return fast, f"ECLipsE-Fast (per-neuron multipliers not tried: {MIN_STEPS} steps would cost more " \
+                     f"than this chain's {budget:.1e} flops)"
     try:
         best, taken = optimise_multipliers(weights, slopes, mults, steps)
     except (RuntimeError, torch.linalg.LinAlgError) as exc:  # an optional tightening never ends the run
@@ -469,7 +473,11 @@ def apply_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[str]:
     used, "eclipse" (optimised per-neuron multipliers) or "eclipse-fast"."""
     index = {node.name: k for k, (node, _) in enumerate(steps)}
     used: list[str] = []
-    for nodes, weights, slopes in find_chains(ctx, steps):
+    chains = find_chains(ctx, steps)
+    # the optimisation's flop budget is for the whole network, shared evenly by its chains
+    # (a transformer's twelve MLP blocks do not take twelve times as long as one MLP)
+    budget = OPT_FLOPS / max(1, len(chains))
+    for nodes, weights, slopes in chains:
         outcomes = [steps[index[n.name]][1] for n in nodes]
         product = math.prod(max(o.factors.values()) if o.factors else 1.0 for o in outcomes)
         estimate = math.prod(max((o.est_factors or o.factors).values()) if o.factors else 1.0 for o in outcomes)
@@ -483,7 +491,7 @@ def apply_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[str]:
                         f"{MAX_WIDTH} (its cost grows as width³); the bound uses the product")
                 out.row.note = f"{out.row.note}; {text}" if out.row.note else text
             continue
-        found = eclipse(weights, slopes)
+        found = eclipse(weights, slopes, budget)
         if found is None or not found[0] < product:
             continue
         value, method = found

@@ -154,3 +154,30 @@ def test_same_report_under_a_callers_grad_mode(sample: str, mode: str) -> None:
     for doc in (outside, inside):
         doc.pop("meta", None)
     assert inside == outside
+
+
+def test_the_optimisation_budget_is_shared_by_the_networks_chains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two Linear/ReLU/Linear branches added: each chain gets half of OPT_FLOPS, so the whole
+    network's optimisation costs what one chain's would."""
+
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
+            self.b = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(x)
+
+    budgets: list[float] = []
+    real = chains.eclipse
+
+    def spy(weights, slopes, budget=None):  # type: ignore[no-untyped-def]
+        budgets.append(budget)
+        return real(weights, slopes, budget)
+
+    monkeypatch.setattr(chains, "eclipse", spy)
+    torch.manual_seed(0)
+    rep = lipcheck.analyze(TwoBranches().eval(), (1, 6), device="cpu")
+    assert budgets == [chains.OPT_FLOPS / 2] * 2
+    assert rep.network.composition == "eclipse"
