@@ -213,11 +213,13 @@ def _analyze_all(models: list[Path], input_shape: str | None, tol: float, max_it
     shape = parse_shape(input_shape)
     _check_inputs(*models)
     _check_architecture(architecture)
-    from .interval import parse_domain
-
-    domain = parse_domain(input_range, input_radius)
     options = Options(tol, max_iters, seed, device.value, dtype.value, method.value, certify.value,
                       failure_probability)  # checked before torch loads
+    domain = None
+    if input_range is not None or input_radius is not None:  # lipcheck.interval needs numpy and onnx
+        from .interval import parse_domain
+
+        domain = parse_domain(input_range, input_radius)
     from .pipeline import make_settings, run_analysis
     from .render import progress_bar
 
