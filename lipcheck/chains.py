@@ -60,10 +60,10 @@ GUARD = 1e-5
 MAX_WIDTH = 1024
 MAX_HALVINGS = 40
 # Per-neuron multipliers: Adam on log Lambda, as many steps as this many flops allow (so the
-# result does not depend on the machine's speed; about 1 s on 2 CPU cores for the whole
+# result does not depend on the machine's speed; under 1 s on 2 CPU cores for the whole
 # network, shared by its chains), at most MAX_STEPS, stopping early once STALL steps gain less
 # than a relative 1e-4.
-OPT_FLOPS = 3e10
+OPT_FLOPS = 1e10
 MAX_STEPS = 300
 MIN_STEPS = 20
 STALL = 25

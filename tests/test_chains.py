@@ -106,7 +106,8 @@ def test_any_multipliers_that_pass_certify(seed):
     assert certify([w1, w2], [(0.0, 1.0)], [np.ones(4)]) is None  # wrong length
 
 
-@pytest.mark.parametrize("slope", [(0.0, 1.0), (0.01, 1.0), (-0.13, 1.13), (0.0, 0.25)],
+@pytest.mark.parametrize("slope", [(0.0, 1.0), pytest.param((0.01, 1.0), marks=pytest.mark.e2e),
+                                   (-0.13, 1.13), pytest.param((0.0, 0.25), marks=pytest.mark.e2e)],
                          ids=["relu", "leaky", "gelu", "sigmoid"])
 def test_optimised_between_ascent_and_fast_on_deeper_chains(slope):
     """Four layers, first wider than its input (the direct M) and narrower (Woodbury for p != 0):
@@ -140,7 +141,7 @@ def test_optimisation_skipped_over_the_flop_budget(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("sample", ["mlp.onnx", "cnn.onnx"])
-@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("mode", ["inference_mode", pytest.param("no_grad", marks=pytest.mark.e2e)])
 def test_same_report_under_a_callers_grad_mode(sample: str, mode: str) -> None:
     """analyze() called inside torch.inference_mode() or torch.no_grad() (as an evaluation
     script would): the chain optimisation and the autograd adjoints still run, and the report

@@ -262,6 +262,7 @@ def test_gate_names_the_kind_and_can_require_certified(wide_mlp: Path) -> None:
 # --------------------------------------------------------------------------- command line, stored weights
 
 
+@pytest.mark.e2e  # a whole normalize/diff/check workflow
 def test_cli_certify_and_require_certified(cli: Any, wide_mlp: Path) -> None:
     code, out, err = cli("check", wide_mlp, "--max-lipschitz", "100", "--certify", "probabilistic",
                          "--require-certified", "--no-progress")
@@ -318,6 +319,7 @@ def test_the_device_loop_without_host_reads(name: str, w: torch.Tensor, monkeypa
     assert host is not None and host.estimate.sigma == pytest.approx(exact, rel=1e-9)
 
 
+@pytest.mark.e2e  # a whole normalize/diff/check workflow
 def test_normalize_and_diff_take_the_certify_options(cli: Any, wide_mlp: Path, tmp_path: Path) -> None:
     out = tmp_path / "normalized.onnx"
     code, text, err = cli("normalize", wide_mlp, "-o", out, "--target", "0.5", "--certify", "probabilistic",

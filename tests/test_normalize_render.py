@@ -32,6 +32,7 @@ def _text(result: api.NormalizeResult) -> str:
     return console.export_text()
 
 
+@pytest.mark.e2e  # a whole normalize/diff/check workflow
 def test_probabilistic_bounds_are_marked(wide: Path, tmp_path: Path) -> None:
     result = api.normalize(wide, tmp_path / "out.onnx", target=1.0, certify="probabilistic")
     assert result.ok
