@@ -30,7 +30,7 @@ from .rules.linear import batchnorm_scale, fold_scale
 LINEAR_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
 
-def _channel_scale(ctx: Context, node: Node) -> tuple[int, np.ndarray] | None:
+def channel_scale(ctx: Context, node: Node) -> tuple[int, np.ndarray] | None:
     """(the data input's position, the per-channel factor) of a BatchNorm or of a Mul by a
     constant that varies along axis 1 only and does not broadcast the data."""
     g = ctx.graph
@@ -63,7 +63,7 @@ def fold_affine(ctx: Context, graph: Graph, steps: list[tuple[Node, Outcome]]) -
     for k, (node, outcome) in enumerate(steps):
         if outcome.unbounded is not None or node.domain or node.name in absorbed:
             continue
-        found = _channel_scale(ctx, node)
+        found = channel_scale(ctx, node)
         if found is None:
             continue
         pos, s = found

@@ -64,3 +64,50 @@ def test_not_merged_across_from(tmp_path: Path) -> None:
     first = next(r.name for r in lipcheck.analyze(path).layers if r.op == "Gemm")
     rep = lipcheck.analyze(path, start=first)
     assert rep.network.bounded and "merged" not in (rep.network.composition or "")
+
+
+class _Pointwise(nn.Module):
+    """A MobileNet-style projection (1x1 conv, BatchNorm, no activation) followed by the next
+    block's expansion (1x1 conv, stride 2), with a per-channel constant Mul between, then a
+    ReLU and a 3x3 conv (not mergeable: its kernel is not 1x1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.project, self.bn = nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.expand, self.tail = nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 3, 3, padding=1)
+        self.register_buffer("c", torch.linspace(0.5, 2.0, 4).reshape(1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(torch.relu(self.expand(self.bn(self.project(x)) * self.c)))
+
+
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.e2e)])  # dynamo: e2e
+def test_pointwise_convs_merge_through_batchnorm_and_scales(tmp_path: Path, dynamo: bool) -> None:
+    """1x1 conv -> BatchNorm -> Mul(c) -> 1x1 conv: the pair's constant is the exact
+    ||W2 diag(c s) W1|| (float64 SVD here; the legacy exporter folds the BatchNorm into the
+    first conv, the dynamo exporter keeps it), and the network bound is that times the 3x3
+    conv's norm on its real input."""
+    torch.manual_seed(3)
+    m = _Pointwise().eval()
+    with torch.no_grad():
+        m.bn.running_var.uniform_(0.2, 3.0)
+        m.bn.weight.uniform_(0.5, 2.0)
+    path = tmp_path / "pw.onnx"
+    torch.onnx.export(m, (torch.zeros(1, 8, 6, 6),), str(path), dynamo=dynamo,
+                      **({} if dynamo else {"opset_version": 17}))
+    rep = lipcheck.analyze(path)
+    assert rep.network.composition is not None and "merged" in rep.network.composition, rep.network.reason
+    s = (m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)).detach().double() * m.c.reshape(-1).double()
+    w1, w2 = m.project.weight.detach().double()[:, :, 0, 0], m.expand.weight.detach().double()[:, :, 0, 0]
+    pair = _sigma(w2 @ torch.diag(s) @ w1)
+    assert pair < 0.9 * _sigma(w2) * _sigma(torch.diag(s) @ w1)  # the merge is what makes it tighter
+    # the tail: a 3x3 conv on 8x3x3 (stride 2 left 3x3), its exact norm from its explicit matrix
+    eye = torch.eye(8 * 3 * 3, dtype=torch.float64).reshape(-1, 8, 3, 3)
+    tail = m.tail.double()
+    with torch.no_grad():
+        mat = (tail(eye) - tail(torch.zeros(1, 8, 3, 3, dtype=torch.float64))).reshape(8 * 3 * 3, -1).T
+    expected = pair * float(torch.linalg.matrix_norm(mat, 2))
+    assert rep.network.lipschitz_bound == pytest.approx(expected, rel=1e-5)
+    assert rep.network.lipschitz_bound >= expected * (1 - 1e-9)
+    note = next(r.note for r in rep.layers if r.note and "merged with" in r.note)
+    assert "from" in note
