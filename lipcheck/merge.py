@@ -85,7 +85,10 @@ def merge_linear(ctx: Context, graph: Graph, steps: list[tuple[Node, Outcome]]) 
             end, nxt = nxt, only_consumer(graph, nxt.outputs[0])
         between: list[Node] = [end] if end is not first else []
         scale = np.ones(w1.shape[0])
-        while nxt is not None and nxt.op not in ("Gemm", "MatMul", "Conv"):
+        # channel scales act on axis 1: the features of a conv's output, and of a Gemm/MatMul
+        # output only when it is 2-D (in a (batch, tokens, features) tensor axis 1 is the tokens)
+        per_feature = first.op == "Conv" or len(graph.known_shape(first.outputs[0]) or ()) == 2
+        while per_feature and nxt is not None and nxt.op not in ("Gemm", "MatMul", "Conv"):
             found = channel_scale(ctx, nxt)
             out = outcome_of.get(nxt.name)
             if found is None or out is None or out.unbounded is not None or found[1].size != scale.size \

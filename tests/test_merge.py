@@ -111,3 +111,27 @@ def test_pointwise_convs_merge_through_batchnorm_and_scales(tmp_path: Path, dyna
     assert rep.network.lipschitz_bound >= expected * (1 - 1e-9)
     note = next(r.note for r in rep.layers if r.note and "merged with" in r.note)
     assert "from" in note
+
+
+def test_no_merge_through_a_scale_of_tokens(tmp_path: Path) -> None:
+    """MatMul on (batch, tokens, features) -> Mul by a constant along axis 1 (the tokens, here
+    as many as the features) -> MatMul: not a per-feature scale, so no merge; the bound stays
+    the product and is above the exact constant max_t |c_t| ||W2 W1||."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 4, bias=False), nn.Linear(4, 3, bias=False)
+            self.register_buffer("c", torch.tensor([0.1, 3.0, 0.2, 0.5]).reshape(1, 4, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x) * self.c)
+
+    torch.manual_seed(5)
+    m = Tokens().eval()
+    path = tmp_path / "tokens.onnx"
+    torch.onnx.export(m, (torch.zeros(1, 4, 6),), str(path), dynamo=False, opset_version=17)
+    rep = lipcheck.analyze(path)
+    assert "merged" not in (rep.network.composition or "")
+    exact = 3.0 * _sigma(m.b.weight.double() @ m.a.weight.double())
+    assert rep.network.lipschitz_bound >= exact * (1 - 1e-9)
