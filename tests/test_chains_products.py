@@ -5,6 +5,7 @@ the Jacobian norms ascent finds and the product of the layers' constants."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,6 +53,16 @@ def test_chain_through_a_product_activation(tmp_path: Path, act: type[nn.Module]
     assert best <= bound
 
 
+def _quotients(fn: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Difference quotients of fn on a float64 grid of [-30, 30] and between far random pairs."""
+    x = torch.linspace(-30, 30, 600001, dtype=torch.float64)
+    y = fn(x)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200000, generator=g, dtype=torch.float64) * 6
+    b = torch.randn(200000, generator=g, dtype=torch.float64) * 6
+    return (y[1:] - y[:-1]) / (x[1:] - x[:-1]), (fn(a) - fn(b)) / (a - b)
+
+
 @pytest.mark.parametrize("name", ["SiLU", "Mish"])
 def test_product_slope_ranges_hold_and_are_tight(name: str) -> None:
     """Every difference quotient of the function lies in the range; the range is within 0.1 %
@@ -59,14 +70,7 @@ def test_product_slope_ranges_hold_and_are_tight(name: str) -> None:
     from lipcheck.rules.elementwise import PRODUCT_SLOPES
 
     lo, hi = PRODUCT_SLOPES[name]
-    fn = nn.functional.silu if name == "SiLU" else nn.functional.mish
-    x = torch.linspace(-30, 30, 600001, dtype=torch.float64)
-    y = fn(x)
-    quotients = (y[1:] - y[:-1]) / (x[1:] - x[:-1])
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(200000, generator=g, dtype=torch.float64) * 6
-    b = torch.randn(200000, generator=g, dtype=torch.float64) * 6
-    far = (fn(a) - fn(b)) / (a - b)
+    quotients, far = _quotients(nn.functional.silu if name == "SiLU" else nn.functional.mish)
     for q in (quotients, far):
         assert lo <= float(q.min()) and float(q.max()) <= hi
     assert float(quotients.min()) <= lo * (1 - 1e-3) and float(quotients.max()) >= hi * (1 - 1e-3)
@@ -124,16 +128,7 @@ def test_tanh_gelu_inside_the_erf_forms_slopes() -> None:
     recogniser gives it (float64 grid and far pairs)."""
     from lipcheck.rules.elementwise import GELU_LIP, GELU_MIN_SLOPE
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.gelu(x, approximate="tanh")
-
-    x = torch.linspace(-30, 30, 600001, dtype=torch.float64)
-    y = fn(x)
-    quotients = (y[1:] - y[:-1]) / (x[1:] - x[:-1])
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(200000, generator=g, dtype=torch.float64) * 6
-    b = torch.randn(200000, generator=g, dtype=torch.float64) * 6
-    for q in (quotients, (fn(a) - fn(b)) / (a - b)):
+    for q in _quotients(lambda x: nn.functional.gelu(x, approximate="tanh")):
         assert GELU_MIN_SLOPE <= float(q.min()) and float(q.max()) <= GELU_LIP
 
 

@@ -341,20 +341,33 @@ def _erf_gelu_input(graph: Graph, a: str, b: str) -> Match | None:
     Mul after, the dynamo exporter q = 0.5, others p = 0.5. Constant 2 |p q| sup |GELU'|."""
     for left, right in ((a, b), (b, a)):
         x, p, p_nodes = _unscaled(graph, left)
-        one_erf, q, q_nodes = _unscaled(graph, right)
-        add = graph.producer.get(one_erf)
-        if add is None or add.op != "Add" or len(add.inputs) != 2:
-            continue
-        for k in (0, 1):
-            erf = graph.producer.get(add.inputs[k])
-            if _scalar(graph.const(add.inputs[1 - k])) != 1.0 or erf is None or erf.op != "Erf":
-                continue
+        for erf, outer, q in _scaled_one_plus(graph, right, "Erf"):
             inner, c, c_nodes = _unscaled(graph, erf.inputs[0])
             if inner == x and c_nodes and abs(c - 1 / math.sqrt(2)) < 1e-4 and p * q != 0:
-                scale = 2 * p * q  # the slopes of scale * GELU: scale * [GELU_MIN_SLOPE, GELU_LIP], in order
-                ends = (scale * GELU_MIN_SLOPE, scale * GELU_LIP)
-                return x, [*p_nodes, *c_nodes, erf, add, *q_nodes], abs(scale) * GELU_LIP, (min(ends), max(ends))
+                return _gelu_match(x, [*p_nodes, *c_nodes, *outer], 2 * p * q)
     return None
+
+
+def _scaled_one_plus(graph: Graph, value: str, op: str) -> list[tuple[Node, list[Node], float]]:
+    """``value`` as q (1 + f) with f the output of an ``op`` node and q a one-number constant:
+    (the ``op`` node, it with the Add and the scaling nodes, q) for each way it reads so."""
+    one_f, q, q_nodes = _unscaled(graph, value)
+    add = graph.producer.get(one_f)
+    if add is None or add.op != "Add" or len(add.inputs) != 2:
+        return []
+    found = []
+    for k in (0, 1):
+        f = graph.producer.get(add.inputs[k])
+        if _scalar(graph.const(add.inputs[1 - k])) == 1.0 and f is not None and f.op == op:
+            found.append((f, [f, add, *q_nodes], q))
+    return found
+
+
+def _gelu_match(x: str, branch: list[Node], scale: float) -> Match:
+    """scale * GELU(x) (either form): constant |scale| GELU_LIP, slopes scale * [GELU_MIN_SLOPE,
+    GELU_LIP] in order."""
+    ends = (scale * GELU_MIN_SLOPE, scale * GELU_LIP)
+    return x, branch, abs(scale) * GELU_LIP, (min(ends), max(ends))
 
 
 def _cube_of(graph: Graph, value: str) -> tuple[str, list[Node]] | None:
@@ -381,27 +394,17 @@ def _tanh_gelu_input(graph: Graph, a: str, b: str) -> Match | None:
     GELU_LIP and GELU_MIN_SLOPE."""
     for left, right in ((a, b), (b, a)):
         x, p, p_nodes = _unscaled(graph, left)
-        one_tanh, q, q_nodes = _unscaled(graph, right)
-        add = graph.producer.get(one_tanh)
-        if add is None or add.op != "Add" or len(add.inputs) != 2 or p * q == 0:
-            continue
-        for j in (0, 1):
-            tanh = graph.producer.get(add.inputs[j])
-            if _scalar(graph.const(add.inputs[1 - j])) != 1.0 or tanh is None or tanh.op != "Tanh":
-                continue
+        for tanh, outer, q in _scaled_one_plus(graph, right, "Tanh"):
             inner, c, c_nodes = _unscaled(graph, tanh.inputs[0])
             poly = graph.producer.get(inner)
-            if poly is None or poly.op != "Add" or len(poly.inputs) != 2 \
+            if poly is None or poly.op != "Add" or len(poly.inputs) != 2 or p * q == 0 \
                     or abs(c - math.sqrt(2 / math.pi)) > 1e-4 * math.sqrt(2 / math.pi):
                 continue
             for i in (0, 1):
                 cube, k, k_nodes = _unscaled(graph, poly.inputs[1 - i])
                 found = _cube_of(graph, cube)
                 if poly.inputs[i] == x and found is not None and found[0] == x and abs(k - 0.044715) <= 1e-6:
-                    scale = 2 * p * q
-                    ends = (scale * GELU_MIN_SLOPE, scale * GELU_LIP)
-                    branch = [*p_nodes, *found[1], *k_nodes, poly, *c_nodes, tanh, add, *q_nodes]
-                    return x, branch, abs(scale) * GELU_LIP, (min(ends), max(ends))
+                    return _gelu_match(x, [*p_nodes, *found[1], *k_nodes, poly, *c_nodes, *outer], 2 * p * q)
     return None
 
 
