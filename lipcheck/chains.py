@@ -48,6 +48,7 @@ import torch
 from .graph import Graph, Node
 from .rules import Context, Outcome
 from .rules.elementwise import activation_slopes
+from .rules.linear import batchnorm_scale
 
 MARGIN = 1e-7  # relative room for rounding, kept below X' and added to the result
 # Conditioning guard: every M and X' must keep GUARD of the scale it is measured against
@@ -380,7 +381,7 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
                 last_linear = len(nodes)
             # constant scalings before the activation fold into the last weight's rows, those
             # after it into the next weight's columns (exact: the same function)
-            pre, c_pre, value = _scalings(g, end.outputs[0], weights[-1].shape[0])
+            pre, c_pre, value = _scalings(ctx, end.outputs[0], weights[-1].shape[0])
             nxt = only_consumer(g, value)
             absorbed: list[str] = []
             if nxt is None:  # x * g(x) (SiLU, Mish, GELU): x feeds the product and the branch g
@@ -390,7 +391,7 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
             slope = outcome_of[nxt.name].slopes if absorbed else slope_range(nxt)
             if slope is None or (not absorbed and data_inputs(g, nxt) != [0]):
                 break
-            post, c_post, value = _scalings(g, nxt.outputs[0], weights[-1].shape[0])
+            post, c_post, value = _scalings(ctx, nxt.outputs[0], weights[-1].shape[0])
             lin = only_consumer(g, value)
             w_next = linear_weight(ctx, lin, data_inputs(g, lin)) if lin is not None else None
             if lin is None or w_next is None or w_next.shape[1] != weights[-1].shape[0] \
@@ -413,28 +414,39 @@ def find_chains(ctx: Context, steps: list[tuple[Node, Outcome]]) -> list[tuple[l
     return chains
 
 
-def _scalings(graph: Graph, value: str, width: int) -> tuple[list[Node], np.ndarray, str]:
-    """The Mul/Div nodes by constants (one number, or one per feature on the last axis) that
-    follow ``value``, each the only reader of the one before: (the nodes, the product of their
-    factors per feature as a float64 vector of ``width``, the value after them)."""
+def _scalings(ctx: Context, value: str, width: int) -> tuple[list[Node], np.ndarray, str]:
+    """The ops that scale each feature by a constant (Mul/Div by one number or one per
+    feature on the last axis; an eval BatchNorm of a 2-D value, its shift cancelling in
+    differences) that follow ``value``, each the only reader of the one before: (the nodes,
+    the product of their factors per feature as a float64 vector of ``width``, the value
+    after them)."""
+    graph = ctx.graph
     nodes: list[Node] = []
     scale = np.ones(width)
     while True:
         node = only_consumer(graph, value)
-        if node is None or node.op not in ("Mul", "Div") or node.domain or len(node.inputs) != 2 \
-                or data_inputs(graph, node) != [node.inputs.index(value)] \
-                or (node.op == "Div" and node.inputs[0] != value) \
-                or graph.known_shape(value) is None or graph.known_shape(value) != graph.known_shape(node.outputs[0]):
+        shape = graph.known_shape(value)
+        if node is None or node.domain or shape is None or shape != graph.known_shape(node.outputs[0]):
             return nodes, scale, value
-        c = graph.const(node.inputs[1] if node.inputs[0] == value else node.inputs[0])
-        if c is None or not np.issubdtype(c.dtype, np.floating) or not (
-                c.size == 1 or (c.shape[-1] == width and c.size == width)):
-            return nodes, scale, value
-        factor = np.asarray(c, dtype=np.float64).reshape(-1)
-        if node.op == "Div":
-            if not np.all(factor != 0):
+        if node.op == "BatchNormalization":
+            s = batchnorm_scale(ctx, node) if node.inputs[0] == value and len(shape) == 2 else None
+            if s is None or s.size != width or data_inputs(graph, node) != [0]:
                 return nodes, scale, value
-            factor = 1.0 / factor
+            factor = s
+        else:
+            if node.op not in ("Mul", "Div") or len(node.inputs) != 2 \
+                    or data_inputs(graph, node) != [node.inputs.index(value)] \
+                    or (node.op == "Div" and node.inputs[0] != value):
+                return nodes, scale, value
+            c = graph.const(node.inputs[1] if node.inputs[0] == value else node.inputs[0])
+            if c is None or not np.issubdtype(c.dtype, np.floating) or not (
+                    c.size == 1 or (c.shape[-1] == width and c.size == width)):
+                return nodes, scale, value
+            factor = np.asarray(c, dtype=np.float64).reshape(-1)
+            if node.op == "Div":
+                if not np.all(factor != 0):
+                    return nodes, scale, value
+                factor = 1.0 / factor
         if not np.all(np.isfinite(factor)):
             return nodes, scale, value
         scale = scale * factor

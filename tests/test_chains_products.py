@@ -156,3 +156,28 @@ def test_scalings_between_layers_fold_into_the_weights(tmp_path: Path) -> None:
     expected = eclipse([w1, w2], [(0.0, 1.0)])
     assert expected is not None and rep.network.composition is not None and "eclipse" in rep.network.composition
     assert rep.network.lipschitz_bound == pytest.approx(expected[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.e2e)])  # dynamo: e2e
+def test_batchnorm_after_the_activation_folds_into_the_next_weight(tmp_path: Path, dynamo: bool) -> None:
+    """Linear -> ReLU -> BatchNorm1d -> Linear ... (a tabular MLP's order): the eval BatchNorm is
+    x -> s x + t per feature, so the chain is ECLipsE of [W1, W2 diag(s1), W3 diag(s2)] (signs
+    of gamma included), the same function's weights."""
+    from lipcheck.chains import eclipse
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.BatchNorm1d(12), nn.Linear(12, 10), nn.ReLU(),
+                      nn.BatchNorm1d(10), nn.Linear(10, 3)).eval()
+    with torch.no_grad():
+        for bn in (m[2], m[5]):
+            bn.running_var.uniform_(0.1, 4.0)
+            bn.weight.uniform_(-2, 2)
+    path = tmp_path / "bn.onnx"
+    torch.onnx.export(m, (torch.zeros(2, 6),), str(path), dynamo=dynamo, **({} if dynamo else {"opset_version": 17}))
+    rep = lipcheck.analyze(path)
+    scales = [(bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy() for bn in (m[2], m[5])]
+    ws = [m[0].weight.detach().double().numpy(), m[3].weight.detach().double().numpy() * scales[0][None, :],
+          m[6].weight.detach().double().numpy() * scales[1][None, :]]
+    expected = eclipse(ws, [(0.0, 1.0)] * 2)
+    assert expected is not None and rep.network.composition == "eclipse", rep.network.reason
+    assert rep.network.lipschitz_bound == pytest.approx(expected[0], rel=1e-5)  # float32 weights in the file
