@@ -1,4 +1,5 @@
-"""Folding per-channel affine maps into the linear op before them.
+"""Folding per-channel affine maps into the linear op before them (or, where there is none,
+after them).
 
 An eval BatchNorm (or a Mul by a per-channel constant) right after a Conv, Gemm or MatMul
 multiplies that op's output channels by s: together they are x -> diag(s) A x (+ a
@@ -25,7 +26,7 @@ import numpy as np
 
 from .graph import Graph, Node
 from .rules import Context, Outcome
-from .rules.linear import batchnorm_scale, fold_scale
+from .rules.linear import batchnorm_scale, fold_input_scale, fold_scale
 
 LINEAR_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
@@ -97,4 +98,51 @@ def fold_affine(ctx: Context, graph: Graph, steps: list[tuple[Node, Outcome]]) -
         ))
         outcome_of[node.name] = steps[k][1]
         folded_into.append(producer.name)
+    return folded_into + _fold_forward(ctx, graph, steps)
+
+
+def _fold_forward(ctx: Context, graph: Graph, steps: list[tuple[Node, Outcome]]) -> list[str]:
+    """A scaling op that was not folded into the op before it, read only by a linear op (a
+    BatchNorm on a network's input before its first conv; BatchNorm1d between a ReLU and a
+    Linear): the pair x -> A diag(s) x measured as one, as the linear op's factor from the
+    scaling op's input. Returns the names of the linear ops folded into."""
+    index = {node.name: k for k, (node, _) in enumerate(steps)}
+    absorbed = {name for _, outcome in steps for name in outcome.absorbs}
+    folded_into: list[str] = []
+    for node, outcome in list(steps):
+        if outcome.unbounded is not None or node.domain or node.name in absorbed or outcome.sources:
+            continue
+        found = channel_scale(ctx, node)
+        if found is None:
+            continue
+        pos, s = found
+        y = node.outputs[0]
+        users = graph.consumers.get(y, [])
+        if len(users) != 1 or y in graph.outputs or y == ctx.start or pos not in outcome.factors:
+            continue
+        consumer = users[0]
+        if consumer.op not in LINEAR_OPS or consumer.domain or consumer.name not in index:
+            continue
+        after = steps[index[consumer.name]][1]
+        data = [i for i, v in enumerate(consumer.inputs) if v and v not in graph.static]
+        if after.unbounded is not None or after.sources or set(after.factors) != {0} or after.combine != "sum" \
+                or data != [0] or consumer.inputs[0] != y:
+            continue
+        pair = fold_input_scale(ctx, consumer, data, s)
+        if pair is None or set(pair.factors) != {0} or not math.isfinite(pair.factors[0]):
+            continue
+        value, product = pair.factors[0], after.factors[0] * outcome.factors[pos]
+        if not value < product:
+            continue
+        est = (pair.est_factors or pair.factors)[0]
+        if after.row is not None:
+            text = (f"folded with {node.name} before it: the bound uses the norm of the pair, {value:.6g} "
+                    f"from {node.name}'s input, in place of {outcome.factors[pos]:.6g} x {after.factors[0]:.6g}")
+            after.row.note = f"{after.row.note}; {text}" if after.row.note else text
+        steps[index[consumer.name]] = (consumer, Outcome(
+            factors={0: value}, est_factors={0: est}, combine=after.combine, row=after.row,
+            extra_rows=after.extra_rows, sources={0: node.inputs[pos]}, absorbs=after.absorbs,
+            folds=[node.name, *after.folds],
+        ))
+        folded_into.append(consumer.name)
     return folded_into

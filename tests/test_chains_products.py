@@ -179,5 +179,5 @@ def test_batchnorm_after_the_activation_folds_into_the_next_weight(tmp_path: Pat
     ws = [m[0].weight.detach().double().numpy(), m[3].weight.detach().double().numpy() * scales[0][None, :],
           m[6].weight.detach().double().numpy() * scales[1][None, :]]
     expected = eclipse(ws, [(0.0, 1.0)] * 2)
-    assert expected is not None and rep.network.composition == "eclipse", rep.network.reason
+    assert expected is not None and "eclipse" in (rep.network.composition or ""), rep.network.reason
     assert rep.network.lipschitz_bound == pytest.approx(expected[0], rel=1e-5)  # float32 weights in the file

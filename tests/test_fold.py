@@ -94,12 +94,18 @@ def test_conv_bn_relu_conv_bn_linear(padding):
     assert conv_rows[0].sigma == pytest.approx(_norm(conv1, shape), rel=1e-6)
 
 
+class Abs(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs()
+
+
 def test_linear_bn_and_channel_mul():
     lt.seeded(5)
     lin1, bn = nn.Linear(7, 6), _bn(6, two_d=False)
     lin2 = nn.Linear(6, 5)
     s = torch.tensor([3.0, 0.1, -0.2, 0.05, 0.3, 0.2])
-    model = nn.Sequential(lin1, bn, nn.Tanh(), lin2, Scale(s[:5]), nn.ReLU()).eval()
+    # |x| between (Lipschitz 1, no slope range): no chain certificate, only the two folds
+    model = nn.Sequential(lin1, bn, Abs(), lin2, Scale(s[:5]), nn.ReLU()).eval()
     rep = analyze(model, (2, 7))
     expected = _norm(nn.Sequential(lin1, bn), (1, 7)) * _norm(nn.Sequential(lin2, Scale(s[:5])), (1, 6))
     assert rep.network.composition == "folded"
@@ -146,3 +152,37 @@ def test_fold_keeps_normalize_budget_consistent():
     conv_name = next(r.name for r in an.report.layers if r.op == "Conv")
     assert network_bound(an.graph, an.composition.steps, {conv_name: 0.5}) == pytest.approx(base * 0.5)
     assert base == pytest.approx(an.report.network.lipschitz_bound)
+
+
+def test_batchnorm_before_the_first_conv_folds_forward():
+    """An input BatchNorm (``data_bn``) then a 3x3 conv, nothing before it to fold into: the pair
+    counts with the exact norm of conv o diag(s) on the real input size (explicit matrix), far
+    below max|s| times the conv's norm."""
+    lt.seeded(11)
+    bn, conv = _bn(3), nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([4.0, 0.05, 0.1]))
+        conv.weight[:, 0] *= 0.05  # the large scale meets the conv's weak input channel
+    model = nn.Sequential(bn, conv, nn.ReLU()).eval()
+    shape = (1, 3, 6, 6)
+    rep = analyze(model, shape)
+    pair = _norm(nn.Sequential(bn, conv), shape)
+    assert rep.network.composition == "folded"
+    assert rep.network.lipschitz_estimate == pytest.approx(pair, rel=1e-6)
+    assert rep.network.lipschitz_bound >= pair * (1 - 1e-9)
+    assert pair < 0.5 * _norm(bn, shape) * _norm(conv, shape)
+    conv_row = next(r for r in rep.layers if r.op == "Conv")
+    assert "folded with" in (conv_row.note or "") and conv_row.sigma == pytest.approx(_norm(conv, shape), rel=1e-6)
+
+
+def test_batchnorm_between_activation_and_linear_folds_forward():
+    """Linear -> |x| -> BatchNorm1d -> Linear (no chain: |x| has no slope range): the second
+    pair counts with the exact ||W2 diag(s)||."""
+    lt.seeded(12)
+    lin1, bn, lin2 = nn.Linear(5, 6), _bn(6, two_d=False), nn.Linear(6, 3)
+    model = nn.Sequential(lin1, Abs(), bn, lin2).eval()
+    rep = analyze(model, (2, 5))
+    expected = _norm(lin1, (1, 5)) * _norm(nn.Sequential(bn, lin2), (1, 6))
+    assert rep.network.composition == "folded"
+    assert rep.network.lipschitz_bound == pytest.approx(expected, rel=1e-5)
+    assert rep.network.lipschitz_bound >= expected * (1 - 1e-9)

@@ -485,6 +485,38 @@ def fold_scale(ctx: Context, producer: Node, data: list[int], channel_scale: np.
     return None
 
 
+def fold_input_scale(ctx: Context, consumer: Node, data: list[int], channel_scale: np.ndarray) -> Outcome | None:
+    """The outcome of ``consumer`` (a Conv with one group, or a Gemm/MatMul with a 2-D input)
+    after a multiplication of its input channels (axis 1) by ``channel_scale``: the linear map
+    x -> A diag(s) x measured as one operator (conv on its real input size). None when the
+    shapes do not line up or the op is not one of these."""
+    g = ctx.graph
+    s = channel_scale.astype(np.float64).reshape(-1)
+    in_shape = g.known_shape(consumer.inputs[0])
+    if data != [0] or in_shape is None or len(in_shape) < 2 or in_shape[1] != s.size:
+        return None
+    w = g.const(consumer.inputs[1])
+    if w is None:
+        return None
+    if consumer.op == "Conv":
+        if int(consumer.attrs.get("group", 1)) != 1 or w.ndim < 3 or w.shape[1] != s.size:
+            return None
+        folded = w.astype(np.float64) * s.reshape((1, -1) + (1,) * (w.ndim - 2))
+        return measure_conv(ctx, consumer, data, weight_override=folded)
+    if len(in_shape) != 2 or w.ndim != 2:
+        return None
+    if consumer.op == "Gemm" and not consumer.attrs.get("transA", 0):
+        mat = (w if consumer.attrs.get("transB", 0) else w.T).astype(np.float64)  # (n, k): x -> W x
+        alpha = abs(float(consumer.attrs.get("alpha", 1.0)))
+    elif consumer.op == "MatMul":
+        mat, alpha = w.T.astype(np.float64), 1.0
+    else:
+        return None
+    if mat.shape[1] != s.size:
+        return None
+    return _linear_outcome(_matrix_row(ctx, consumer, mat * s[None, :], consumer.inputs[0], alpha), 0)
+
+
 # --------------------------------------------------------------------------- recurrent
 
 GATES = {"LSTM": "iofc", "GRU": "zrh", "RNN": "h"}
