@@ -155,9 +155,14 @@ def certify(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, float]]
     positive entry per output of weights[i], i < l): the recursion with MARGIN and GUARD, every
     M and X' checked positive definite by Cholesky; None when a check fails."""
     prep = _prepare(weights, slopes)
-    if prep is None or len(multipliers) != len(slopes):
+    return None if prep is None else _certify(*prep, slopes, multipliers)
+
+
+def _certify(ws: list[torch.Tensor], gram: torch.Tensor, slopes: Sequence[tuple[float, float]],
+             multipliers: Sequence[np.ndarray]) -> float | None:
+    """:func:`certify` on weights already prepared (float64 tensors and W_1 W_1^T)."""
+    if len(multipliers) != len(slopes):
         return None
-    ws, gram = prep
     x: torch.Tensor | None = None
     with torch.no_grad():
         for w, (a, b), mult in zip(ws[:-1], slopes, multipliers):
@@ -213,7 +218,7 @@ def eclipse_fast(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, fl
     if prep is None:
         return None
     mults = _fast_multipliers(*prep, slopes)
-    return None if mults is None else certify(weights, slopes, mults)
+    return None if mults is None else _certify(*prep, slopes, mults)
 
 
 def _step_flops(weights: Sequence[np.ndarray]) -> float:
@@ -291,7 +296,7 @@ def eclipse(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, float]]
     if prep is None:
         return None
     mults = _fast_multipliers(*prep, slopes)
-    fast = None if mults is None else certify(weights, slopes, mults)
+    fast = None if mults is None else _certify(*prep, slopes, mults)
     if fast is None or mults is None:
         return None
     steps = min(MAX_STEPS, int(budget / max(_step_flops(weights), 1.0)))
@@ -302,7 +307,7 @@ def eclipse(weights: Sequence[np.ndarray], slopes: Sequence[tuple[float, float]]
         best, taken = optimise_multipliers(weights, slopes, mults, steps)
     except (RuntimeError, torch.linalg.LinAlgError) as exc:  # an optional tightening never ends the run
         return fast, f"ECLipsE-Fast (the per-neuron optimisation failed: {exc})"
-    value = certify(weights, slopes, best)
+    value = _certify(*prep, slopes, best)
     if value is None or not value < fast:
         return fast, "ECLipsE-Fast"
     return value, f"ECLipsE with per-neuron multipliers ({taken} steps from ECLipsE-Fast's, {fast:.6g})"

@@ -79,26 +79,38 @@ def fold_affine(ctx: Context, graph: Graph, steps: list[tuple[Node, Outcome]]) -
             continue
         data = [i for i, v in enumerate(producer.inputs) if v and v not in graph.static]
         pair = fold_scale(ctx, producer, data, s)
-        if pair is None or set(pair.factors) != {0} or not math.isfinite(pair.factors[0]):
-            continue
-        value, product = pair.factors[0], before.factors[0] * outcome.factors[pos]
-        if not value < product:
-            continue
-        est = (pair.est_factors or pair.factors)[0]
-        source = pair.sources.get(0, producer.inputs[0])
-        if outcome.row is not None:
-            text = (f"folded with {producer.name} before it: the bound uses the norm of the pair, "
-                    f"{value:.6g} from {producer.name}'s input, in place of {before.factors[0]:.6g} x "
-                    f"{outcome.factors[pos]:.6g}")
-            outcome.row.note = f"{outcome.row.note}; {text}" if outcome.row.note else text
-        steps[k] = (node, Outcome(
-            factors={pos: value}, est_factors={pos: est}, combine=outcome.combine, row=outcome.row,
-            extra_rows=outcome.extra_rows, sources={pos: source}, absorbs=outcome.absorbs,
-            folds=[producer.name, *outcome.folds],
-        ))
-        outcome_of[node.name] = steps[k][1]
-        folded_into.append(producer.name)
+        if _use_pair(steps, k, pos, pair, (before.factors[0], outcome.factors[pos]), producer.name,
+                     producer.inputs[0]):
+            outcome_of[node.name] = steps[k][1]
+            folded_into.append(producer.name)
     return folded_into + _fold_forward(ctx, graph, steps)
+
+
+def _use_pair(steps: list[tuple[Node, Outcome]], k: int, pos: int, pair: Outcome | None,
+              separate: tuple[float, float], partner: str, source: str) -> bool:
+    """Give steps[k] the pair's constant at input ``pos`` when it is finite and below the
+    product of the two ``separate`` constants (in path order), measured from the value the
+    pair's measurement names (a pad it absorbed) or else ``source``; its row keeps its own
+    numbers and says what the bound used. ``partner``: the other op of the pair (in
+    ``Outcome.folds``). Returns whether it did."""
+    if pair is None or set(pair.factors) != {0} or not math.isfinite(pair.factors[0]):
+        return False
+    node, outcome = steps[k]
+    value = pair.factors[0]
+    if not value < separate[0] * separate[1]:
+        return False
+    if outcome.row is not None:
+        text = (f"folded with {partner} before it: the bound uses the norm of the pair, {value:.6g} from "
+                f"{partner}'s input, in place of {separate[0]:.6g} x "
+                f"{separate[1]:.6g}")
+        outcome.row.note = f"{outcome.row.note}; {text}" if outcome.row.note else text
+    steps[k] = (node, Outcome(
+        factors={pos: value}, est_factors={pos: (pair.est_factors or pair.factors)[0]}, combine=outcome.combine,
+        row=outcome.row, extra_rows=outcome.extra_rows, sources={pos: pair.sources.get(0, source)},
+        absorbs=outcome.absorbs,
+        folds=[partner, *outcome.folds],
+    ))
+    return True
 
 
 def _fold_forward(ctx: Context, graph: Graph, steps: list[tuple[Node, Outcome]]) -> list[str]:
@@ -129,20 +141,7 @@ def _fold_forward(ctx: Context, graph: Graph, steps: list[tuple[Node, Outcome]])
                 or data != [0] or consumer.inputs[0] != y:
             continue
         pair = fold_input_scale(ctx, consumer, data, s)
-        if pair is None or set(pair.factors) != {0} or not math.isfinite(pair.factors[0]):
-            continue
-        value, product = pair.factors[0], after.factors[0] * outcome.factors[pos]
-        if not value < product:
-            continue
-        est = (pair.est_factors or pair.factors)[0]
-        if after.row is not None:
-            text = (f"folded with {node.name} before it: the bound uses the norm of the pair, {value:.6g} "
-                    f"from {node.name}'s input, in place of {outcome.factors[pos]:.6g} x {after.factors[0]:.6g}")
-            after.row.note = f"{after.row.note}; {text}" if after.row.note else text
-        steps[index[consumer.name]] = (consumer, Outcome(
-            factors={0: value}, est_factors={0: est}, combine=after.combine, row=after.row,
-            extra_rows=after.extra_rows, sources={0: node.inputs[pos]}, absorbs=after.absorbs,
-            folds=[node.name, *after.folds],
-        ))
-        folded_into.append(consumer.name)
+        if _use_pair(steps, index[consumer.name], 0, pair, (outcome.factors[pos], after.factors[0]), node.name,
+                     node.inputs[pos]):
+            folded_into.append(consumer.name)
     return folded_into
