@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from .maps import LinearMap, Shape, conv_forward, matrix_batch
-from .settings import Settings
+from .maps import LinearMap, Shape, conv_adjoint, conv_forward, matrix_batch
+from .settings import Settings, one_thread
 
 # Krylov subspace size before a thick restart: bounds the basis memory at LANCZOS_BASIS
 # vectors of the input's size.
@@ -209,18 +209,26 @@ def _ritz_pairs(h: torch.Tensor, beta: torch.Tensor, tol: float) -> _RitzPairs |
     read off the next Ritz value once the space holds LANCZOS_MIN_GAP_STEPS vectors).
     Converged means that error is below 2 tol theta, i.e. tol relative in sigma.
     """
-    k = h.shape[0]
     hk = h.to("cpu")
     beta_f = float(beta)
     if not (bool(torch.isfinite(hk).all()) and math.isfinite(beta_f)):
         return None
-    evals, evecs = torch.linalg.eigh((hk + hk.T) / 2)
-    theta = max(float(evals[-1]), 0.0)
+    with one_thread():
+        evals, evecs = torch.linalg.eigh((hk + hk.T) / 2)
     residual = beta_f * abs(float(evecs[-1, -1]))
-    gap = theta - float(evals[-2]) if k >= LANCZOS_MIN_GAP_STEPS else 0.0
-    # Kato-Temple only once the top pair is resolved from the next Ritz value
+    return _RitzPairs(evals, evecs, top_converged(evals, residual, tol))
+
+
+def top_converged(evals: torch.Tensor, residual: float, tol: float) -> bool:
+    """Whether the top Ritz value (last of the ascending ``evals`` of a projected AᵀA) is within
+    ``tol`` relative in sigma of a singular value, given the residual norm of its Ritz pair:
+    the error is at most the residual, and at most residual² / gap (Kato-Temple) while the
+    residual is below the gap to the next Ritz value, read only once the space holds
+    LANCZOS_MIN_GAP_STEPS vectors. The test is error <= 2 tol theta."""
+    theta = max(float(evals[-1]), 0.0)
+    gap = theta - float(evals[-2]) if evals.numel() >= LANCZOS_MIN_GAP_STEPS else 0.0
     err = residual**2 / gap if 0 < residual < gap else residual
-    return _RitzPairs(evals, evecs, theta == 0.0 or err <= 2 * tol * theta)
+    return theta == 0.0 or err <= 2 * tol * theta
 
 
 def _thick_restart(basis: torch.Tensor, proj: torch.Tensor, ritz: _RitzPairs, keep: int) -> int:
@@ -312,6 +320,16 @@ def _autograd_gram(fn: LinearMap) -> Gram:
     return gram
 
 
+def _pair_gram(fn: LinearMap, adjoint: LinearMap) -> Gram:
+    """AᵀA x from the map and its adjoint: (A x, Aᵀ A x)."""
+
+    def gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = fn(x)
+        return y, adjoint(y)
+
+    return gram
+
+
 def conv_estimate(weight: torch.Tensor, input_shape: Shape, *, stride: Sequence[int], dilation: Sequence[int],
                   groups: int, pads: Sequence[tuple[int, int]], settings: Settings, transposed: bool = False,
                   output_padding: Sequence[int] | None = None,
@@ -350,7 +368,16 @@ def conv_estimate(weight: torch.Tensor, input_shape: Shape, *, stride: Sequence[
                           transposed=transposed, output_padding=output_padding)
         return wrap(fn) if wrap is not None else fn
 
-    fn = conv(unit.reshape(w.shape).to(device=settings.device, dtype=settings.dtype))
-    fn64 = None if settings.dtype == torch.float64 else conv(w.to(device=settings.device, dtype=torch.float64) / scale)
-    est = operator_estimate(fn, input_shape, settings, fn64)
+    def gram(kernel: torch.Tensor) -> Gram:
+        """AᵀA by the conv and its adjoint called directly; through autograd where a map is
+        composed before the conv (``wrap``) or the conv has no explicit adjoint here."""
+        adjoint = None if wrap is not None else conv_adjoint(
+            kernel, input_shape[2:], stride=stride, dilation=dilation, groups=groups, pads=pads,
+            transposed=transposed)
+        return _autograd_gram(conv(kernel)) if adjoint is None else _pair_gram(conv(kernel), adjoint)
+
+    unit_gram = gram(unit.reshape(w.shape).to(device=settings.device, dtype=settings.dtype))
+    exact = unit_gram if settings.dtype == torch.float64 else gram(
+        w.to(device=settings.device, dtype=torch.float64) / scale)
+    est = _iterate(unit_gram, start_vector(input_shape, settings), settings, exact)
     return Estimate(est.sigma * scale, est.iterations, est.converged)

@@ -6,6 +6,8 @@ record the numerics receive (a torch dtype, a resolved device).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,3 +52,23 @@ def resolve_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device")
     return name
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the enclosed (small) LAPACK calls on one thread, then restore the thread count.
+
+    The eigen-solves of projected Krylov matrices (at most a few hundred rows) gain little
+    from a second thread on an idle machine, and lose badly on a loaded one: with one core
+    taken by another process, a two-thread ``eigh`` of a 320x320 matrix was measured at
+    1.27 s against 8 ms on one thread (benchmarks/RESULTS.md, issue 12). One thread also
+    makes their rounding independent of the machine's core count."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
