@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -447,7 +446,6 @@ BREAKDOWN = 1e-8  # a residual this small against the step's projection: the Kry
 FUSED_BLOCK_BYTES = 1 << 20  # rows of W per block of the fused WᵀW x on a CPU (cache-sized)
 FUSED_MIN_BYTES = 1 << 24  # below this W stays in cache anyway: two plain products
 BLOCK_FUSED_BYTES = 1 << 21  # rows (or columns) of W per block of the block run's fused product
-FUSED_TASK_CHUNKS = 8  # blocks per task a thread takes in the block run's fused product
 # auto: the exact certificate (Gram m n² + Cholesky n³/3, BLAS-3) is chosen while it costs
 # less than the Krylov run (2 m n flops per step, memory-bound): measured on 2 CPU cores, a
 # float64 matrix-vector flop costs about this many BLAS-3 flops (1.3 s for 100 Lanczos
@@ -662,14 +660,22 @@ def _block_krylov_one(w: torch.Tensor, settings: Settings, delta: float,
 
     fused = w.device.type == "cpu" and w.numel() * 8 > FUSED_MIN_BYTES
     chunk = max(1, BLOCK_FUSED_BYTES // (8 * (w.shape[1] if tall else w.shape[0])))
-    product = _FusedProduct(w, tall, chunk) if fused else None
 
     def op(x: torch.Tensor) -> torch.Tensor:
-        """A x for the rows of x (A = WᵀW or WWᵀ, the smaller side); see _FusedProduct for a W
-        larger than the cache on a CPU."""
-        if product is None:
+        """A x for the rows of x (A = WᵀW or WWᵀ, the smaller side). On a CPU, for a W larger
+        than the cache: Σ_i (x W_iᵀ) W_i over blocks W_i of rows (WᵀW) or columns (WWᵀ) of
+        about BLOCK_FUSED_BYTES, each block used twice while in cache."""
+        if not fused:
             return (x @ w.T) @ w if tall else (x @ w) @ w.T
-        return product(x)
+        z = torch.zeros_like(x)
+        for i in range(0, w.shape[0] if tall else w.shape[1], chunk):
+            if tall:
+                part = w[i : i + chunk]
+                z.addmm_(x @ part.T, part)
+            else:
+                part = w[:, i : i + chunk]
+                z.addmm_(x @ part, part.T)
+        return z
 
     # independent uniform starts: normalised rows of one seeded Gaussian draw (float64)
     gen0 = torch.Generator().manual_seed(settings.seed)
@@ -733,77 +739,6 @@ def _block_krylov_one(w: torch.Tensor, settings: Settings, delta: float,
     dim = k * width
     est, upper = _ritz_bound(w, tall, evecs[:, -1] @ basis[:dim], theta, dim, n, eps)
     return est, upper, k, converged
-
-
-class _FusedProduct:
-    """x ↦ x WᵀW (``tall``) or x WWᵀ for the rows of x, on a CPU, for a W larger than the cache:
-    Σ_i (x W_iᵀ) W_i over blocks W_i of ``chunk`` rows (or columns) of about BLOCK_FUSED_BYTES,
-    each block used twice while in cache.
-
-    The blocks are grouped into FUSED_TASK_CHUNKS-block tasks that the torch threads take one
-    at a time (each thread running its products on one thread; the caller's count restored
-    after), every task summing its own blocks in order into its own buffer, and the tasks'
-    sums added in task order: the result does not depend on which thread ran what. A thread
-    that another process deschedules then takes fewer tasks, where one multi-threaded product
-    per block waited for it at every block (5632x2048, 8 vectors, one core busy elsewhere:
-    29 ms a step against 11 idle; 16 ms this way)."""
-
-    def __init__(self, w: torch.Tensor, tall: bool, chunk: int) -> None:
-        self.w, self.tall, self.chunk = w, tall, chunk
-        length = w.shape[0] if tall else w.shape[1]
-        span = chunk * FUSED_TASK_CHUNKS
-        self.tasks = [(i, min(i + span, length)) for i in range(0, length, span)]
-
-    def _task(self, lo: int, hi: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        out.zero_()
-        for i in range(lo, hi, self.chunk):
-            j = min(i + self.chunk, hi)
-            if self.tall:
-                part = self.w[i:j]
-                out.addmm_(x @ part.T, part)
-            else:
-                part = self.w[:, i:j]
-                out.addmm_(x @ part, part.T)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        sums = torch.empty((len(self.tasks), *x.shape), dtype=x.dtype)
-        threads = min(torch.get_num_threads(), len(self.tasks))
-        if threads == 1:
-            for t, (lo, hi) in enumerate(self.tasks):
-                self._task(lo, hi, x, sums[t])
-        else:
-            taken = itertools.count()  # next() on a count is atomic under the GIL
-
-            def work() -> None:
-                torch.set_num_threads(1)
-                while (t := next(taken)) < len(self.tasks):
-                    self._task(*self.tasks[t], x, sums[t])
-
-            restore = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                helpers = [_product_pool(threads - 1).submit(work) for _ in range(threads - 1)]
-                work()
-                for helper in helpers:
-                    helper.result()
-            finally:
-                torch.set_num_threads(restore)
-        z = sums[0].clone()
-        for t in range(1, len(self.tasks)):
-            z += sums[t]
-        return z
-
-
-_POOL: list[tuple[int, ThreadPoolExecutor]] = []  # (workers, pool), made on first use
-
-
-def _product_pool(workers: int) -> ThreadPoolExecutor:
-    """The helper threads of _FusedProduct (made once; remade if the thread count grew)."""
-    if not _POOL or _POOL[0][0] < workers:
-        if _POOL:
-            _POOL.pop()[1].shutdown(wait=True)
-        _POOL.append((workers, ThreadPoolExecutor(workers, thread_name_prefix="lipcheck-product")))
-    return _POOL[0][1]
 
 
 def _ritz_bound(w: torch.Tensor, tall: bool, y: torch.Tensor, theta: float, dim: int, n: int,
