@@ -23,6 +23,7 @@ import torch
 
 from .maps import LinearMap, Shape, conv_adjoint, conv_forward, matrix_batch
 from .settings import Settings, one_thread
+from .symbol import symbol_start
 
 # Krylov subspace size before a thick restart: bounds the basis memory at LANCZOS_BASIS
 # vectors of the input's size.
@@ -379,5 +380,11 @@ def conv_estimate(weight: torch.Tensor, input_shape: Shape, *, stride: Sequence[
     unit_gram = gram(unit.reshape(w.shape).to(device=settings.device, dtype=settings.dtype))
     exact = unit_gram if settings.dtype == torch.float64 else gram(
         w.to(device=settings.device, dtype=torch.float64) / scale)
-    est = _iterate(unit_gram, start_vector(input_shape, settings), settings, exact)
+    start = start_vector(input_shape, settings)
+    if wrap is None and not transposed and len(input_shape) == w.ndim:
+        # the top of the spectrum is where the kernel's symbol is largest: start there
+        warm = symbol_start(w, input_shape[2:], stride=stride, dilation=dilation, groups=groups, pads=pads,
+                            random=start)
+        start = start if warm is None else warm
+    est = _iterate(unit_gram, start, settings, exact)
     return Estimate(est.sigma * scale, est.iterations, est.converged)
