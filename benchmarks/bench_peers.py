@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipcheck
+from lipcheck.formats import load
+from lipcheck.pipeline import sha256_of
 
 PEER_STEPS = 100
 GRAM_STEPS = 6
@@ -139,6 +141,11 @@ def run_model(name: str, model: nn.Module, example: torch.Tensor, tmp: Path) -> 
     t = time.perf_counter()
     report = lipcheck.analyze(path)
     t_analyze = time.perf_counter() - t
+    # the floor every run pays before any estimate: reading the file (and its digest)
+    t = time.perf_counter()
+    load(path)
+    sha256_of(path)
+    t_load = time.perf_counter() - t
 
     h.log(f"{name}: AutoLip-style peer ({len(layers)} layers x {PEER_STEPS} steps) ...")
     t = time.perf_counter()
@@ -161,15 +168,28 @@ def run_model(name: str, model: nn.Module, example: torch.Tensor, tmp: Path) -> 
     # lipcheck rows of the conv/linear ops, in graph order, against the peer's layers in module order
     rows = [r for r in report.layers if r.op in ("Conv", "Gemm", "MatMul") and r.sigma is not None]
     diffs, gram_over = [], []
+    # each method's largest relative distance from lipcheck's estimate (a lower bound converged
+    # to the tolerance) over the layers; lipcheck's own is its bracket (upper - estimate) / estimate
+    errors: dict[str, float] = {}
     if len(rows) == len(layers):
         for r, (n, _, _) in zip(rows, layers):
             if r.sigma and peer[n]:
                 diffs.append((r.sigma - peer[n]) / r.sigma)
             if n in gram and r.sigma_upper and math.isfinite(gram[n]):
                 gram_over.append(gram[n] / r.sigma_upper)
+            if not r.sigma:
+                continue
+            for method, value in (("peer", peer[n]), ("svd_reshaped", exact[n]), ("sn_one_step", sn[n]),
+                                  ("gram_iteration", gram.get(n, math.nan)),
+                                  ("lipcheck", r.sigma_upper if r.sigma_upper is not None else math.nan)):
+                if math.isfinite(value):
+                    errors[method] = max(errors.get(method, 0.0), abs(value - r.sigma) / r.sigma)
     net = report.network
     return {"model": name, "layers": len(layers), "analyze_s": t_analyze, "peer_s": t_peer,
-            "ratio_analyze_over_peer": t_analyze / t_peer, "svd_reshaped_s": t_svd, "sn_one_step_s": t_sn,
+            "ratio_analyze_over_peer": t_analyze / t_peer, "load_s": t_load, "load_over_peer": t_load / t_peer,
+            "iterations": sum(r.iterations or 0 for r in report.layers),
+            "max_rel_error_vs_lipcheck_estimate": errors,
+            "svd_reshaped_s": t_svd, "sn_one_step_s": t_sn,
             "sn_one_step_max_rel_err_vs_reshaped_svd": sn_err, "gram_iteration_conv_s": t_gram,
             "gram_iteration_convs": f"{gram_done}/{len(convs)}",
             "lipcheck_minus_peer_rel": {"max": max(diffs, default=None), "min": min(diffs, default=None),
@@ -184,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = h.parser(__doc__)
     ap.add_argument("--models", default="resnet50,mobilenet_v3_small,mlp",
                     help="comma-separated subset of resnet50, mobilenet_v3_small, mlp")
+    ap.add_argument("--plot", default=None,
+                    help="PNG of time against error (default: next to --json; needs matplotlib, the bench extra)")
     ap.epilog = "--quick: ResNet-18 and the MLP 784-1024-1024-1000 instead of ResNet-50 and the MLP-4096"
     args = ap.parse_args(argv)
     _, facts, bw = h.start(args, "lipcheck benchmark (peers): analyze vs AutoLip-style power iteration",
@@ -217,8 +239,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("  lipcheck-peer: (lipcheck estimate - peer estimate) / lipcheck estimate per conv/linear row "
           "(> 0: the peer's 100 steps had not converged; a conv with an eval BatchNorm folded into its\n"
           "  row differs by the BatchNorm's scale, e.g. 1/sqrt(1 + 1e-3) for a fresh MobileNetV3 BN)")
+    print("  floor: reading the file alone (lipcheck's loader and digest), as a fraction of the peer: "
+          + ", ".join(f"{s['model']} {s['load_s']:.2f} s = {s['load_over_peer']:.2f}" for s in sections))
     h.write_json(args.json, args, facts, bw, sections, time.perf_counter() - t_run)
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot:
+        draw(sections, Path(plot))
     return 0
+
+
+def draw(sections: list[dict[str, Any]], path: Path) -> None:
+    """Time against error, one marker per method, one colour per model (log-log); needs the
+    optional matplotlib (``pip install -e '.[bench]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        h.log(f"matplotlib is not installed: no plot ({path}); pip install -e '.[bench]'")
+        return
+    times = {"lipcheck": "analyze_s", "peer": "peer_s", "svd_reshaped": "svd_reshaped_s",
+             "sn_one_step": "sn_one_step_s", "gram_iteration": "gram_iteration_conv_s"}
+    labels = {"lipcheck": "lipcheck analyze (error: its certified bracket)", "peer": "AutoLip-style, 100 steps",
+              "svd_reshaped": "SVD of reshaped weights", "sn_one_step": "spectral_norm, one step",
+              "gram_iteration": "Gram iteration (circular conv)"}
+    markers = {"lipcheck": "*", "peer": "o", "svd_reshaped": "s", "sn_one_step": "v", "gram_iteration": "D"}
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    handles: list[Any] = []
+    for i, s in enumerate(sections):
+        color = f"C{i}"
+        for method, err in s["max_rel_error_vs_lipcheck_estimate"].items():
+            seconds = s[times[method]]
+            if seconds > 0:
+                ax.scatter(seconds, max(err, 1e-9), marker=markers[method], color=color, s=70)
+        handles.append(Patch(color=color, label=s["model"]))
+    for method, marker in markers.items():
+        handles.append(ax.scatter([], [], color="gray", marker=marker, label=labels[method]))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds (2 CPU cores; lipcheck includes loading the ONNX file)")
+    ax.set_ylabel("largest relative distance from lipcheck's estimate")
+    ax.set_title("Per-layer spectral norms: time against error")
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    h.log(f"wrote {path}")
 
 
 if __name__ == "__main__":
