@@ -66,12 +66,15 @@ def symbol_start(weight: torch.Tensor, spatial: Sequence[int], *, stride: Sequen
     if tuple(random.shape) != (1, groups * cols, *spatial) or random.numel() == 0:
         return None
     phases = math.prod(stride)
-    grid = [min(SYMBOL_GRID, max(1, -(-n // s))) for n, s in zip(spatial, stride)]
+    # K(θ) is a trigonometric polynomial whose degree per axis is the kernel's span: a grid of
+    # about four points per degree shows its peaks, the refinement finds the top within one
+    grid = [min(SYMBOL_GRID, max(1, -(-n // s)), max(8, 4 * (dl * (k - 1) + 1)))
+            for n, s, dl, k in zip(spatial, stride, dilation, weight.shape[2:])]
     width = cols * phases
-    per_freq = rows * width * (min(rows, width) + math.prod(weight.shape[2:]))
-    coarse = math.prod(grid) * groups * per_freq
-    fine = SYMBOL_REFINE**d * groups * per_freq
-    if 8 * (coarse + fine) > SYMBOL_MAX_FLOPS:
+    # per frequency: the symbol's entries and an SVD (complex flops counted 8 per multiply-add).
+    # Wide convs (ResNet's 64-512 channels) cost more to search than the steps they would save
+    per_freq = 8 * rows * width * (4 * min(rows, width) + math.prod(weight.shape[2:]))
+    if (math.prod(grid) + SYMBOL_REFINE**d) * groups * per_freq > SYMBOL_MAX_FLOPS:
         return None
     w = weight.detach().to(device="cpu", dtype=torch.float64).reshape(groups, rows, cols, *weight.shape[2:])
     thetas = [2 * math.pi * torch.arange(g, dtype=torch.float64) / g for g in grid]
