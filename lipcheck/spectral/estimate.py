@@ -342,7 +342,8 @@ def conv_estimate(weight: torch.Tensor, input_shape: Shape, *, stride: Sequence[
     position, each reading its own input position: its operator norm is exactly that
     matrix's norm, found on the small matrix instead of the whole feature map. It is zero
     when no output reads a real input (padding and stride miss them all). Every other
-    convolution is iterated as the linear map it is.
+    convolution is iterated as the linear map it is, with its explicit adjoint, from the
+    kernel symbol's start (:mod:`.symbol`) where that is cheap to find.
     """
     w = weight.detach()
     if all(n == 1 for n in w.shape[2:]) and w.numel() > 0 and not transposed and wrap is None:
