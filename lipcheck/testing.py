@@ -27,6 +27,7 @@ __all__ = [
     "RecurrentHead",
     "ResidualBlock",
     "conv_layer_cases",
+    "explicit_matrix",
     "make_activation_net",
     "make_attention",
     "make_cnn",
@@ -372,6 +373,14 @@ class PowerEstimate(NamedTuple):
     sigma: float
     iterations: int
     converged: bool
+
+
+def explicit_matrix(fn: Callable[[torch.Tensor], torch.Tensor], shape: Shape) -> torch.Tensor:
+    """The matrix of the linear map ``fn`` on inputs of ``shape`` (batch 1 first), float64:
+    column j is fn(e_j), all basis vectors applied at once as one batch."""
+    n = math.prod(shape[1:])
+    out = fn(torch.eye(n, dtype=torch.float64).reshape(n, *shape[1:]))
+    return out.reshape(n, -1).T
 
 
 def plain_power(gram: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,

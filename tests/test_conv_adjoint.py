@@ -12,6 +12,7 @@ import torch
 
 from lipcheck.spectral import Settings, conv_estimate, conv_forward
 from lipcheck.spectral.maps import conv_adjoint
+from lipcheck.testing import explicit_matrix
 
 CASES = [
     # (dims, in_ch, out_ch, groups, kernel, stride, dilation, pads, spatial, transposed, output_padding)
@@ -61,12 +62,9 @@ def test_adjoint_of_every_basis_vector() -> None:
     """The explicit matrix: column j is A e_j, and the adjoint's rows reproduce its transpose."""
     fn, adjoint, x, _ = _setup(CASES[2])
     assert adjoint is not None
-    n = x.numel()
-    cols = torch.stack([fn(torch.eye(n, dtype=torch.float64)[j].reshape(x.shape)).flatten() for j in range(n)], 1)
-    out_shape = fn(x).shape
-    m = cols.shape[0]
-    rows = torch.stack([adjoint(torch.eye(m, dtype=torch.float64)[i].reshape(out_shape)).flatten() for i in range(m)])
-    torch.testing.assert_close(rows, cols, rtol=0, atol=1e-13)
+    cols = explicit_matrix(fn, tuple(x.shape))
+    rows = explicit_matrix(adjoint, tuple(fn(x).shape))
+    torch.testing.assert_close(rows.T, cols, rtol=0, atol=1e-13)
 
 
 def test_kernel_that_does_not_fit_has_no_adjoint() -> None:
@@ -82,10 +80,7 @@ def test_conv_estimate_matches_the_explicit_matrix(stride: int, groups: int) -> 
     spatial = (6, 5)
     pads = ((1, 1), (1, 0))
     fn = conv_forward(weight, stride=(stride, stride), dilation=(1, 1), groups=groups, pads=pads)
-    n = 4 * spatial[0] * spatial[1]
-    mat = torch.stack([fn(torch.eye(n, dtype=torch.float64)[j].reshape(1, 4, *spatial)).flatten()
-                       for j in range(n)], 1)
-    exact = float(torch.linalg.matrix_norm(mat, 2))
+    exact = float(torch.linalg.matrix_norm(explicit_matrix(fn, (1, 4, *spatial)), 2))
     est = conv_estimate(weight.float(), (1, 4, *spatial), stride=(stride, stride), dilation=(1, 1), groups=groups,
                         pads=pads, settings=Settings(tol=1e-9, max_iters=2000))
     assert est.converged

@@ -11,12 +11,7 @@ import torch
 
 from lipcheck.spectral import Settings, conv_estimate, conv_forward, start_vector
 from lipcheck.spectral import symbol as sym
-
-
-def _explicit(fn, shape: tuple[int, ...]) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    n = math.prod(shape)
-    eye = torch.eye(n, dtype=torch.float64)
-    return torch.stack([fn(eye[j].reshape(shape)).flatten() for j in range(n)], 1)
+from lipcheck.testing import explicit_matrix
 
 
 @pytest.mark.parametrize("stride,dilation,groups", [((1, 1), (1, 1), 1), ((2, 2), (1, 1), 1), ((2, 1), (1, 2), 2),
@@ -31,7 +26,7 @@ def test_aliased_symbol_gives_the_circular_strided_conv(stride: tuple[int, int],
     size = tuple(g * s for g, s in zip(grid, stride))
 
     def circular(x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(1, 4, *grid, dtype=torch.float64)
+        out = torch.zeros(x.shape[0], 4, *grid, dtype=torch.float64)
         rows = 4 // groups
         for t0 in range(3):
             for t1 in range(2):
@@ -43,7 +38,7 @@ def test_aliased_symbol_gives_the_circular_strided_conv(stride: tuple[int, int],
                         sub[:, g * (8 // groups) : (g + 1) * (8 // groups)])
         return out
 
-    exact = torch.linalg.svdvals(_explicit(circular, (1, 8, *size)))
+    exact = torch.linalg.svdvals(explicit_matrix(circular, (1, 8, *size)))
     thetas = [2 * math.pi * torch.arange(g, dtype=torch.float64) / g for g in grid]
     mats = sym._aliased_symbols(w.reshape(groups, 4 // groups, 8 // groups, 3, 2), thetas, stride, dilation)
     values = torch.linalg.svdvals(mats).flatten() / math.sqrt(math.prod(stride))
@@ -89,7 +84,7 @@ def test_estimate_from_the_symbol_start_is_the_norm(case: tuple) -> None:
     assert sym.symbol_start(w, spatial, stride=stride, dilation=dilation, groups=groups, pads=pads,
                             random=start_vector(shape, Settings())) is not None  # the symbol start is used
     fn = conv_forward(w, stride=stride, dilation=dilation, groups=groups, pads=pads)
-    exact = float(torch.linalg.matrix_norm(_explicit(fn, shape), 2))
+    exact = float(torch.linalg.matrix_norm(explicit_matrix(fn, shape), 2))
     est = conv_estimate(w.float(), shape, stride=stride, dilation=dilation, groups=groups, pads=pads,
                         settings=Settings(tol=1e-9, max_iters=3000))
     assert est.converged

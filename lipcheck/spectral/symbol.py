@@ -80,7 +80,7 @@ def symbol_start(weight: torch.Tensor, spatial: Sequence[int], *, stride: Sequen
     thetas = [2 * math.pi * torch.arange(g, dtype=torch.float64) / g for g in grid]
     top = torch.linalg.svdvals(_aliased_symbols(w, thetas, stride, dilation))[..., 0]  # (F, groups)
     best = int(torch.argmax(top))
-    index = _unravel(best // groups, grid)
+    index = [int(i) for i in torch.unravel_index(torch.tensor(best // groups), tuple(grid))]
     # refine around the best coarse frequency: one cell either side, per axis
     fine_thetas = [thetas[i][index[i]] + (2 * math.pi / grid[i]) * torch.linspace(-1, 1, SYMBOL_REFINE,
                                                                                  dtype=torch.float64)
@@ -91,7 +91,8 @@ def symbol_start(weight: torch.Tensor, spatial: Sequence[int], *, stride: Sequen
     f, g = divmod(best, groups)
     _, _, vh = torch.linalg.svd(mats[f, g])
     v = vh[0].conj().reshape(cols, *stride)  # channel, then the aliases per axis
-    theta = [float(fine_thetas[i][idx]) for i, idx in enumerate(_unravel(f, [SYMBOL_REFINE] * d))]
+    theta = [float(fine_thetas[i][int(j)])
+             for i, j in enumerate(torch.unravel_index(torch.tensor(f), (SYMBOL_REFINE,) * d))]
     # x(p) = Re Σ_k v_k e^{iω_k (p + b)}, ω_k = (θ + 2πk)/s, under a sine window per axis
     wave = torch.zeros((cols, *spatial), dtype=torch.complex128)
     coords = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) + pads[i][0] for i, n in enumerate(spatial)],
@@ -115,11 +116,3 @@ def symbol_start(weight: torch.Tensor, spatial: Sequence[int], *, stride: Sequen
     start = start + SYMBOL_MIX * random
     return start / torch.linalg.vector_norm(start)
 
-
-def _unravel(flat: int, sizes: Sequence[int]) -> list[int]:
-    """Row-major multi-index of ``flat`` in a grid of ``sizes``."""
-    out = []
-    for n in reversed(sizes):
-        flat, r = divmod(flat, n)
-        out.append(r)
-    return out[::-1]
